@@ -1,0 +1,3 @@
+from enosfs.cli import main
+
+raise SystemExit(main())

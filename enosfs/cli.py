@@ -1,0 +1,404 @@
+"""The `enosfs` command: mount, umount, emulator, demo.
+
+Errors a user can cause end as one line on stderr and a non-zero exit, never as a
+traceback. Secrets are never taken from the command line, where `ps` would show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from enosfs import __version__
+from enosfs.config import SECRET_ENV, ConfigError, Settings, load_settings, parse_size
+from enosfs.errors import EnosfsError
+
+log = logging.getLogger("enosfs")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+READY_TIMEOUT = 180.0
+
+
+def setup_logging(level: str, log_file: str | None = None) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request at INFO: far too loud for a filesystem.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def leaf_error(exc: BaseException) -> BaseException:
+    """The error worth reporting inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = leaf_error(inner)
+            if isinstance(found, EnosfsError):
+                return found
+        return leaf_error(exc.exceptions[0])
+    return exc
+
+
+def describe(exc: BaseException) -> str | None:
+    """One line for an error a user can act on; None for a bug."""
+    exc = leaf_error(exc)
+    if isinstance(exc, EnosfsError):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and "fuse_session" in str(exc):
+        return "the kernel refused the mount (is FUSE usable here? see the log for details)"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}"
+    return None
+
+
+# -- mount ------------------------------------------------------------------------------
+
+
+def _mount_foreground(args: argparse.Namespace, ready: Callable[[], None] | None) -> int:
+    from enosfs.mount import check_fuse, check_mountpoint, run_foreground
+
+    settings = load_settings(args.config)
+    mountpoint = check_mountpoint(args.mountpoint, allow_nonempty=args.allow_nonempty)
+    check_fuse()
+    run_foreground(settings, mountpoint, ready)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if args.foreground:
+        ready_fd = args.ready_fd
+        setup_logging(args.log_level, args.log_file)
+
+        def ready() -> None:
+            if ready_fd is not None:
+                os.write(ready_fd, b"ok\n")
+                os.close(ready_fd)
+
+        try:
+            return _mount_foreground(args, ready)
+        except BaseException as exc:
+            text = describe(exc)
+            if text is None:
+                if isinstance(leaf_error(exc), KeyboardInterrupt):
+                    return 130
+                raise
+            if ready_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(ready_fd, (text + "\n").encode())
+            if args.log_file:
+                log.error("%s", text)
+            if ready_fd is None:
+                print(f"enosfs: {text}", file=sys.stderr)
+            return EXIT_ERROR
+    # Check what can be checked here, then let a child process do the mount and wait
+    # for its word that the mount is ready (or why it is not).
+    from enosfs.mount import check_fuse, check_mountpoint
+
+    load_settings(args.config)
+    check_mountpoint(args.mountpoint, allow_nonempty=args.allow_nonempty)
+    check_fuse()
+    read_fd, write_fd = os.pipe()
+    cmd = [
+        sys.executable,
+        "-m",
+        "enosfs",
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(write_fd),
+        "--config",
+        args.config,
+        "--log-level",
+        args.log_level,
+        args.mountpoint,
+    ]
+    if args.allow_nonempty:
+        cmd.insert(-1, "--allow-nonempty")
+    if args.log_file:
+        cmd[-1:-1] = ["--log-file", os.path.abspath(args.log_file)]
+    with open(os.devnull, "r+b") as devnull:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=devnull,
+            stdout=devnull,
+            stderr=devnull,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    answer = _read_answer(read_fd, proc)
+    if answer == "ok":
+        print(
+            f"enosfs: mounted at {os.path.abspath(args.mountpoint)} (pid {proc.pid}); "
+            f"unmount with: enosfs umount {args.mountpoint}"
+        )
+        return 0
+    print(f"enosfs: {answer}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _read_answer(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    import select
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 0.5)
+            if ready:
+                chunk = pipe.read(4096)
+                if not chunk:
+                    break
+                data += chunk
+                if data.endswith(b"\n"):
+                    break
+            elif proc.poll() is not None:
+                break
+        else:
+            proc.terminate()
+            return f"the mount did not become ready within {READY_TIMEOUT:.0f}s"
+    text = data.decode("utf-8", "replace").strip()
+    if text:
+        return text
+    code = proc.wait(timeout=10)
+    return f"the mount process exited with status {code} before mounting"
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from enosfs.mount import unmount
+
+    unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+# -- emulator ---------------------------------------------------------------------------
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    try:
+        from enosfs.emulator.app import Switches
+        from enosfs.emulator.server import EmulatorOptions, serve
+    except ImportError as exc:
+        raise EnosfsError(
+            f"the emulator needs its extra dependencies ({exc.name}): "
+            "pip install 'enosfs[emulator]'"
+        ) from None
+    switches = Switches(
+        token_lifetime=args.token_lifetime,
+        honour_range=not args.no_range,
+        file_info=not args.no_file_info,
+    )
+    if args.token_lifetime <= 0:
+        raise ConfigError("--token-lifetime must be above zero")
+    return serve(
+        EmulatorOptions(
+            host=args.host,
+            port=args.port,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            demo_large_size=parse_size(args.demo_large_size, "--demo-large-size"),
+            ready_file=args.ready_file,
+            switches=switches,
+        )
+    )
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+def default_demo_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "enosfs" / "demo-data"
+
+
+def start_emulator(
+    data_dir: Path, seed: str = "demo", extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `enosfs emulator` on a free loopback port; return its process and URL."""
+    tmp = Path(tempfile.mkdtemp(prefix="enosfs-emulator-"))
+    ready = tmp / "ready.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "enosfs",
+        "emulator",
+        "--seed",
+        seed,
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        "0",
+        "--ready-file",
+        str(ready),
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise EnosfsError(f"the emulator exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise EnosfsError("the emulator did not start in time")
+            time.sleep(0.05)
+        return proc, json.loads(ready.read_text())["url"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def demo_settings(url: str) -> Settings:
+    from enosfs.config import settings_from_dict
+    from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
+
+    return settings_from_dict(
+        {"enos": {"gateway": url, "app_key": DEMO_APP_KEY}, "org": [{"id": DEMO_ORG}]},
+        {SECRET_ENV: DEMO_APP_SECRET},
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from enosfs.emulator.demo import DEMO_ORG
+    from enosfs.mount import check_fuse, check_mountpoint, run_foreground
+
+    setup_logging(args.log_level)
+    mp = Path(args.mountpoint)
+    mp.mkdir(parents=True, exist_ok=True)
+    mountpoint = check_mountpoint(str(mp))
+    check_fuse()
+    data_dir = Path(args.data_dir) if args.data_dir else default_demo_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"enosfs demo: starting the emulator (demo data in {data_dir}; the first run builds it)",
+        flush=True,
+    )
+    proc, url = start_emulator(data_dir)
+    org = os.path.join(mountpoint, DEMO_ORG)
+    rel = os.path.relpath(org)
+    if rel.startswith(".."):
+        rel = org
+
+    def ready() -> None:
+        print(
+            f"""
+enosfs demo: the demo organisation is mounted at {mountpoint}
+  emulator: {url} (pid {proc.pid})
+
+Try, in another terminal:
+  ls -lR {rel}
+  md5sum {rel}/WTG-001/feature/*
+  unzip -l {rel}/WTG-001/feature/commissioning_docs.zip
+  sqlite3 {rel}/WTG-002/feature/event_log.db 'select severity, count(*) from events group by 1'
+  head {rel}/WTG-001/feature/scada_export.csv
+  getfattr -d {rel}/WTG-001/ota/*
+  cp -r {rel} /tmp/enos-copy
+
+Press Ctrl-C here to unmount and stop the emulator.
+""",
+            flush=True,
+        )
+
+    try:
+        run_foreground(demo_settings(url), mountpoint, ready)
+    finally:
+        stop_process(proc)
+    print("enosfs demo: unmounted and stopped", flush=True)
+    return 0
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="enosfs", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"enosfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mount", help="mount EnOS organisations at MOUNTPOINT")
+    m.add_argument("mountpoint")
+    m.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    m.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (default: return once mounted)",
+    )
+    m.add_argument(
+        "--allow-nonempty", action="store_true", help="mount over a folder that has files in it"
+    )
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--log-file", help="write the log here (background mounts log nowhere else)")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount an enosfs (or any FUSE) mount")
+    u.add_argument("mountpoint")
+    u.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
+    u.set_defaults(func=cmd_umount)
+
+    e = sub.add_parser("emulator", help="run an EnOS-compatible server for tests and demos")
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    e.add_argument("--seed", help="'demo', or a seed JSON file or folder holding seed.json")
+    e.add_argument("--data-dir", help="where file bytes and state are kept (default: temporary)")
+    e.add_argument("--token-lifetime", type=float, default=7200.0, help="seconds")
+    e.add_argument("--no-range", action="store_true", help="ignore Range headers (200 + all)")
+    e.add_argument(
+        "--no-file-info",
+        action="store_true",
+        help="answer getFileInfo as an older EnOS does (unsupported)",
+    )
+    e.add_argument("--demo-large-size", default="200MiB", help="size of the demo's large file")
+    e.add_argument("--ready-file", help='write {"url": ...} here once serving')
+    e.set_defaults(func=cmd_emulator)
+
+    d = sub.add_parser("demo", help="emulator + demo data + mount, in the foreground")
+    d.add_argument("mountpoint", nargs="?", default="./mnt")
+    d.add_argument("--data-dir", help="where the demo data is kept between runs")
+    d.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        text = describe(exc)
+        if text is None:
+            if isinstance(leaf_error(exc), KeyboardInterrupt):
+                return 130
+            raise
+        print(f"enosfs: {text}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,1 @@
+"""An EnOS-compatible server for development, demos and tests (`enosfs emulator`)."""

@@ -1,0 +1,130 @@
+"""Starting the emulator: its state from a seed or a data folder, served by uvicorn.
+
+The socket is bound before uvicorn starts so that `--port 0` works: the chosen address
+is printed on one line (and written to --ready-file) only once requests can be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sys
+import tempfile
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from enosfs.emulator.app import Emulator, Switches
+from enosfs.emulator.demo import LARGE_DEFAULT, build_demo, demo_fingerprint
+from enosfs.emulator.state import STATE_FILE, SeedError, State, build_state, load_seed, reset_dir
+
+
+@dataclass
+class EmulatorOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    seed: str | None = None
+    data_dir: str | None = None
+    demo_large_size: int = LARGE_DEFAULT
+    ready_file: str | None = None
+    switches: Switches | None = None
+
+
+def prepare_state(seed: str | None, data_dir: Path, large_size: int) -> State:
+    """Load or build the state in data_dir; a demo already built there is reused."""
+    if seed == "demo":
+        fingerprint = demo_fingerprint(large_size)
+        if (data_dir / STATE_FILE).exists():
+            with suppress(ValueError, KeyError, OSError):
+                state = State.load(data_dir)
+                if state.fingerprint == fingerprint:
+                    return state
+        reset_dir(data_dir)
+        src = data_dir / "demo-src"
+        doc = build_demo(src, large_size)
+        state = build_state(doc, src, data_dir)
+        shutil.rmtree(src, ignore_errors=True)
+        state.fingerprint = fingerprint
+        state.save()
+        return state
+    if seed is not None:
+        doc, base = load_seed(Path(seed))
+        reset_dir(data_dir)
+        state = build_state(doc, base, data_dir)
+        state.save()
+        return state
+    if (data_dir / STATE_FILE).exists():
+        return State.load(data_dir)
+    raise SeedError(f"nothing to serve: give --seed, or a --data-dir holding {STATE_FILE}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(opts: EmulatorOptions) -> int:
+    import uvicorn
+
+    temp: str | None = None
+    if opts.data_dir:
+        data_dir = Path(opts.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        temp = tempfile.mkdtemp(prefix="enosfs-emulator-")
+        data_dir = Path(temp)
+    try:
+        try:
+            state = prepare_state(opts.seed, data_dir, opts.demo_large_size)
+        except (SeedError, OSError, KeyError, TypeError) as exc:
+            print(f"enosfs emulator: {exc}", file=sys.stderr)
+            return 2
+        try:
+            sock = bind(opts.host, opts.port)
+        except OSError as exc:
+            print(
+                f"enosfs emulator: cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+        emulator = Emulator(state, opts.switches)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}"
+        config = uvicorn.Config(
+            emulator.app(),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",
+            loop="uvloop",
+            timeout_keep_alive=30,
+        )
+        server = uvicorn.Server(config)
+
+        async def main() -> None:
+            task = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)
+            if server.started:
+                if opts.ready_file:
+                    Path(opts.ready_file).write_text(json.dumps({"url": url}))
+                orgs = ", ".join(state.orgs) or "none"
+                print(
+                    f"enosfs emulator listening on {url} (orgs: {orgs}; data in {data_dir})",
+                    flush=True,
+                )
+            await task
+
+        asyncio.run(main())
+        return 0
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)

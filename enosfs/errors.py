@@ -1,0 +1,134 @@
+"""Exceptions that cross module boundaries, and the errno each one means to a reader.
+
+Every exception here renders as one line fit to show a user: no secrets, no tracebacks.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class EnosfsError(Exception):
+    """Base of every error enosfs reports; str() is the one-line message."""
+
+
+class ConfigError(EnosfsError):
+    """The configuration or the command line is wrong; nothing was mounted."""
+
+
+class AuthError(EnosfsError):
+    """The gateway refused our credentials (wrong appKey or secret)."""
+
+    errno = errno.EACCES
+
+
+class TransportError(EnosfsError):
+    """The server could not be reached or stopped answering within the deadline."""
+
+    errno = errno.EIO
+
+
+class DeadlineError(TransportError):
+    """A network call ran out of time."""
+
+    errno = errno.ETIMEDOUT
+
+
+class ProtocolError(TransportError):
+    """The server answered something that is not what EnOS sends (bad JSON, short body...)."""
+
+
+class ApiError(EnosfsError):
+    """An EnOS failure envelope: the code, message and requestId the server sent."""
+
+    errno = errno.EIO
+
+    def __init__(
+        self,
+        code: int | str | None,
+        msg: str,
+        request_id: str | None = None,
+        *,
+        http_status: int | None = None,
+        what: str = "",
+    ) -> None:
+        self.code = code
+        self.msg = msg
+        self.request_id = request_id
+        self.http_status = http_status
+        self.what = what
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        text = f"{self.what}: " if self.what else ""
+        text += f"EnOS error {self.code}: {self.msg}"
+        extra = []
+        if self.http_status not in (None, 200):
+            extra.append(f"HTTP {self.http_status}")
+        if self.request_id:
+            extra.append(f"requestId {self.request_id}")
+        return f"{text} ({', '.join(extra)})" if extra else text
+
+
+class NotFound(ApiError):
+    errno = errno.ENOENT
+
+
+class Denied(ApiError):
+    errno = errno.EACCES
+
+
+class InvalidArgument(ApiError):
+    errno = errno.EINVAL
+
+
+class TokenRejected(ApiError):
+    """The gateway did not accept the access token we sent; a refresh may fix it."""
+
+    errno = errno.EACCES
+
+
+class RateLimited(ApiError):
+    """HTTP 429: temporary, to be retried after the server's Retry-After."""
+
+    def __init__(self, msg: str, retry_after: float | None, **kw: object) -> None:
+        self.retry_after = retry_after
+        super().__init__(429, msg, **kw)  # type: ignore[arg-type]
+
+
+class ServerError(ApiError):
+    """HTTP 5xx or EnOS 99500: temporary on the server's side, worth a retry."""
+
+
+NOT_FOUND_CODES = {99404, 24404}
+DENIED_CODES = {99403}
+INVALID_CODES = {99400}
+SERVER_CODES = {99500}
+TOKEN_CODES = {1203, 4011, 4012}
+
+
+def error_for_code(
+    code: int | str | None, msg: str, request_id: str | None, *, http_status: int | None, what: str
+) -> ApiError:
+    """Pick the ApiError subclass whose errno fits an EnOS code."""
+    try:
+        icode = int(code)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        icode = None
+    cls: type[ApiError] = ApiError
+    if icode in NOT_FOUND_CODES:
+        cls = NotFound
+    elif icode in DENIED_CODES:
+        cls = Denied
+    elif icode in INVALID_CODES:
+        cls = InvalidArgument
+    elif icode in SERVER_CODES:
+        cls = ServerError
+    elif icode in TOKEN_CODES:
+        cls = TokenRejected
+    return cls(code, msg, request_id, http_status=http_status, what=what)
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a FUSE call should fail with for this exception."""
+    return int(getattr(exc, "errno", None) or errno.EIO)

@@ -1,0 +1,297 @@
+"""pyfuse3 Operations: translates kernel requests into namespace and cache calls.
+
+No network logic lives here. Each handler maps our exceptions to an errno; an
+unexpected exception is logged once with its context and answered with EIO, so a bug
+in one request never takes the mount down. Every write-type call fails with EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from enosfs.blocks import BlockCache, CachedFile
+from enosfs.config import Settings
+from enosfs.errors import EnosfsError, errno_of
+from enosfs.namespace import Dir, File, Namespace, Node
+from enosfs.readahead import ReadAhead
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+XATTR_PREFIX = "user.enos."
+
+
+def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Answer every failure with an errno; log what is not an ordinary EnOS failure."""
+
+    def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(fn)
+        async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except EnosfsError as exc:
+                code = errno_of(exc)
+                level = logging.DEBUG if code == errno.ENOENT else logging.WARNING
+                log.log(level, "%s: %s", op, exc)
+                raise pyfuse3.FUSEError(code) from None
+            except trio.TooSlowError:
+                log.warning("%s: timed out", op)
+                raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
+            except Exception:
+                log.exception("%s: unexpected error (answered EIO); args %r", op, args[1:])
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return handler
+
+    return wrap
+
+
+@dataclass
+class Handle:
+    file: File
+    cached: CachedFile
+    readahead: ReadAhead
+
+
+class EnosFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, ns: Namespace, cache: BlockCache, settings: Settings) -> None:
+        super().__init__()
+        self.ns = ns
+        self.cache = cache
+        self.settings = settings
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._fh = count(1)
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
+        # The version whose pages the kernel may hold, per inode (keep_cache decisions).
+        self.kernel_versions: dict[int, object] = {}
+
+    # -- attributes ----------------------------------------------------------------------
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode  # type: ignore[assignment]
+        a.generation = 0
+        a.entry_timeout = self.settings.entry_timeout
+        a.attr_timeout = self.settings.attr_timeout
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = self.cache.block_size
+        mtime = self.ns.mount_time_ns
+        if isinstance(node, File):
+            a.st_mode = stat.S_IFREG | 0o444  # type: ignore[assignment]
+            a.st_nlink = 1
+            size = node.meta.size if node.meta is not None else None
+            if size is None:
+                # Unknown for now: tell the kernel not to remember it.
+                a.entry_timeout = a.attr_timeout = 0
+                size = 0
+            a.st_size = size
+            a.st_blocks = (size + 511) // 512
+            if node.mtime_ms is not None:
+                mtime = node.mtime_ms * 1_000_000
+        else:
+            a.st_mode = stat.S_IFDIR | 0o555  # type: ignore[assignment]
+            a.st_nlink = 2
+            a.st_size = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    def _node(self, inode: int) -> Node:
+        node = self.ns.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _dir(self, inode: int) -> Dir:
+        node = self._node(inode)
+        if not isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return node
+
+    async def _fresh_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        if isinstance(node, File):
+            await self.ns.file_meta(node)
+        return self._attrs(node)
+
+    # -- lookups and listings ------------------------------------------------------------
+
+    @guarded("lookup")
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if name == b".":
+            return self._attrs(parent)
+        if name == b"..":
+            return self._attrs(parent.parent or parent)
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = await self.ns.lookup(parent, text)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._fresh_attrs(node)
+
+    @guarded("getattr")
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return await self._fresh_attrs(self._node(inode))
+
+    @guarded("opendir")
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        d = self._dir(inode)
+        entries = await self.ns.children(d)
+        fh = next(self._fh)
+        # A snapshot per handle: offsets stay valid however the listing changes.
+        self.dir_handles[fh] = [
+            (name.encode("utf-8"), node) for name, node in sorted(entries.items())
+        ]
+        return fh
+
+    @guarded("readdir")
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self.dir_handles.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Nodes stay until their folder's listing drops them: nothing to do."""
+
+    # -- files ---------------------------------------------------------------------------
+
+    @guarded("open")
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        assert isinstance(node, File)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        meta = await self.ns.file_meta(node)
+        if meta.size is None:
+            log.warning("%s: the server does not say how large it is", node.path)
+            raise pyfuse3.FUSEError(errno.EIO)
+        cached = CachedFile(node.ref, meta.size, meta.version)
+        fh = next(self._fh)
+        self.handles[fh] = Handle(node, cached, ReadAhead(initial=self.cache.block_size))
+        # The kernel may keep its pages only if they are of this same version.
+        keep = self.kernel_versions.get(inode, meta.version) == meta.version
+        self.kernel_versions[inode] = meta.version
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)  # type: ignore[arg-type]
+
+    @guarded("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        with trio.fail_after(self.settings.timeout + 1):
+            data = await self.cache.read(h.cached, off, size)
+        ahead = h.readahead.on_read(off, size, h.cached.size)
+        if ahead is not None:
+            self.cache.prefetch(h.cached, *ahead)
+        return data
+
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # -- the rest ------------------------------------------------------------------------
+
+    @guarded("statfs")
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        bs = self.cache.block_size
+        total = sum(f.meta.size or 0 for f in self.ns.all_files() if f.meta is not None)
+        s.f_bsize = bs
+        s.f_frsize = bs
+        s.f_blocks = (total + bs - 1) // bs
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.ns.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    def _xattrs(self, node: Node) -> dict[str, str]:
+        if not isinstance(node, File):
+            return {}
+        out: dict[str, Any] = {
+            "uri": node.ref.uri,
+            "asset": node.ref.asset,
+            "category": node.ref.category,
+            "org": node.ref.org,
+        }
+        for key in ("feature", "feature_type", "firmware_id", "firmware", "version"):
+            if node.origin.get(key):
+                out[key] = node.origin[key]
+        m = node.meta
+        if m is not None:
+            for key, value in (
+                ("md5", m.md5),
+                ("sign_method", m.sign_method),
+                ("sign", m.sign),
+                ("original_name", m.original_name),
+            ):
+                if value:
+                    out[key] = value
+            if m.create_time_ms is not None:
+                out["created"] = str(m.create_time_ms)
+        return {XATTR_PREFIX + k: str(v) for k, v in out.items()}
+
+    @guarded("getxattr")
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(self._node(inode)).get(name.decode("utf-8", "replace"))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode("utf-8")
+
+    @guarded("listxattr")
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [k.encode("utf-8") for k in sorted(self._xattrs(self._node(inode)))]
+
+    # -- everything that would change something ------------------------------------------
+
+    async def _read_only(self, *args: object, **kwargs: object) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = _read_only  # type: ignore[assignment]
+    mknod = _read_only  # type: ignore[assignment]
+    mkdir = _read_only  # type: ignore[assignment]
+    unlink = _read_only  # type: ignore[assignment]
+    rmdir = _read_only  # type: ignore[assignment]
+    symlink = _read_only  # type: ignore[assignment]
+    rename = _read_only  # type: ignore[assignment]
+    link = _read_only  # type: ignore[assignment]
+    write = _read_only  # type: ignore[assignment]
+    create = _read_only  # type: ignore[assignment]
+    setxattr = _read_only  # type: ignore[assignment]
+    removexattr = _read_only  # type: ignore[assignment]

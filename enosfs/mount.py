@@ -1,0 +1,227 @@
+"""Running a mount: checks first, then the token task, the cache and the FUSE loop.
+
+Everything that can be wrong is checked before the kernel sees a mount (the mountpoint,
+the credentials, the organisations), so a mistake costs one clear line, never a
+half-working folder. Signals unmount cleanly. Background tasks live in one nursery
+around pyfuse3.main(), as S3QL does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pyfuse3
+import trio
+
+from enosfs.api import EnosClient
+from enosfs.auth import TokenSource
+from enosfs.blocks import BlockCache, CachedFile
+from enosfs.config import Settings
+from enosfs.errors import ConfigError, Denied, EnosfsError, InvalidArgument, NotFound
+from enosfs.fs import EnosFS
+from enosfs.namespace import File, Namespace
+from enosfs.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+FUSE_DEVICE = "/dev/fuse"
+
+
+def check_mountpoint(path: str, *, allow_nonempty: bool = False) -> str:
+    """The absolute mountpoint, or a ConfigError saying what is wrong with it."""
+    p = os.path.abspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise ConfigError(f"mountpoint {p} does not exist (create it with: mkdir -p {p})") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(
+                f"mountpoint {p} is a dead FUSE mount (transport endpoint is not connected); "
+                f"clean it with: enosfs umount {p}"
+            ) from None
+        raise ConfigError(f"mountpoint {p}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"mountpoint {p} is not a directory")
+    if os.path.ismount(p):
+        raise ConfigError(f"{p} is already a mountpoint (unmount it first: enosfs umount {p})")
+    if not allow_nonempty and any(os.scandir(p)):
+        raise ConfigError(
+            f"mountpoint {p} is not empty; its files would be hidden (use --allow-nonempty)"
+        )
+    if not os.access(p, os.W_OK | os.X_OK) and os.getuid() != 0:
+        raise ConfigError(f"mountpoint {p} is not writable by you; FUSE needs that to mount")
+    return p
+
+
+def check_fuse() -> None:
+    if not os.path.exists(FUSE_DEVICE):
+        raise ConfigError(
+            f"{FUSE_DEVICE} is missing: FUSE is not available (modprobe fuse; apt install fuse3)"
+        )
+
+
+def http_client(settings: Settings) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=30,
+    )
+    timeout = httpx.Timeout(settings.timeout, connect=settings.connect_timeout)
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=limits,
+        verify=settings.ca_bundle or True,
+        headers={"User-Agent": "enosfs"},
+    )
+
+
+async def check_orgs(client: EnosClient, settings: Settings) -> None:
+    """Unknown organisations are configuration mistakes: say so before mounting."""
+    for org in settings.orgs:
+        if not org.discover:
+            continue
+        try:
+            await client.search_devices_page(org.org_id, 1)
+        except (InvalidArgument, NotFound) as exc:
+            raise ConfigError(f"organisation {org.org_id}: {exc.msg}") from None
+        except Denied as exc:
+            log.warning(
+                "organisation %s: device search denied (%s); showing configured "
+                "assets and files only",
+                org.org_id,
+                exc.msg,
+            )
+
+
+def mount_options(settings: Settings) -> set[str]:
+    host = httpx.URL(settings.integration).host
+    opts = {
+        "ro",
+        "default_permissions",
+        "nodev",
+        "nosuid",
+        "noatime",
+        f"fsname=enosfs:{host}",
+        "subtype=enosfs",
+    }
+    if settings.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+class Mount:
+    """One mounted filesystem and the tasks that serve it."""
+
+    def __init__(self, settings: Settings, mountpoint: str) -> None:
+        self.settings = settings
+        self.mountpoint = mountpoint
+        self.fs: EnosFS | None = None
+        self.cache: BlockCache | None = None
+        self.tokens: TokenSource | None = None
+        self.client: EnosClient | None = None
+        self._terminated = False
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        s = self.settings
+        policy = RetryPolicy(timeout=s.timeout)
+        async with http_client(s) as http:
+            self.tokens = TokenSource(
+                http,
+                s.gateway,
+                s.app_key,
+                s.app_secret,
+                refresh_margin=s.token_refresh_margin,
+                policy=policy,
+            )
+            await self.tokens.start()
+            self.client = EnosClient(
+                http, self.tokens, gateway=s.gateway, integration=s.integration, policy=policy
+            )
+            await check_orgs(self.client, s)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.tokens.run)
+                self.cache = BlockCache(
+                    self.client, nursery, block_size=s.block_size, budget=s.cache_memory
+                )
+                ns = Namespace(
+                    self.client, s, on_version_change=lambda f, old: self._changed(nursery, f, old)
+                )
+                self.fs = EnosFS(ns, self.cache, s)
+                pyfuse3.init(self.fs, self.mountpoint, mount_options(s))
+                unmount = True
+                try:
+                    nursery.start_soon(self._signals)
+                    log.info(
+                        "mounted %s at %s", ", ".join(o.org_id for o in s.orgs), self.mountpoint
+                    )
+                    if ready is not None:
+                        ready()
+                    await pyfuse3.main(min_tasks=4, max_tasks=64)
+                    # main() returns on our terminate() or when someone else unmounted.
+                    unmount = self._terminated
+                finally:
+                    pyfuse3.close(unmount=unmount)
+                    log.info("unmounted %s", self.mountpoint)
+                    nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s received: unmounting", signal.Signals(signum).name)
+                self._terminated = True
+                pyfuse3.terminate()
+                return
+
+    def _changed(self, nursery: trio.Nursery, f: File, old: object) -> None:
+        """A file's content changed on the server: drop what we and the kernel hold."""
+        from enosfs.api import FileMeta
+
+        if self.cache is not None and isinstance(old, FileMeta) and old.size is not None:
+            self.cache.drop(CachedFile(f.ref, old.size, old.version))
+
+        async def invalidate() -> None:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, f.inode)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOSYS):
+                    log.debug("invalidate %s: %s", f.path, exc)
+
+        nursery.start_soon(invalidate)
+
+
+def run_foreground(
+    settings: Settings, mountpoint: str, ready: Callable[[], None] | None = None
+) -> None:
+    """Mount and serve until unmounted or signalled. Raises EnosfsError for the CLI."""
+    check_fuse()
+    trio.run(Mount(settings, mountpoint).run, ready)
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount a FUSE mount, ours or another process's, live or dead."""
+    import shutil
+    import subprocess
+
+    p = os.path.abspath(mountpoint)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        cmd = [tool, "-u"] + (["-z"] if lazy else []) + [p]
+    elif os.getuid() == 0 and shutil.which("umount"):
+        cmd = ["umount"] + (["-l"] if lazy else []) + [p]
+    else:
+        raise EnosfsError("neither fusermount3 nor umount is available")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        msg = detail[-1] if detail else f"exit {result.returncode}"
+        if not Path(p).exists():
+            raise EnosfsError(f"{p} does not exist")
+        raise EnosfsError(f"cannot unmount {p}: {msg}")

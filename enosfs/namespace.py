@@ -1,0 +1,463 @@
+"""The tree /ORG/ASSET/CATEGORY/FILE, discovered from the EnOS listing APIs.
+
+Folders are listed lazily and kept for `metadata_ttl` seconds; a listing that cannot be
+refreshed is served stale (and said so in the log) rather than failing, so `ls` of what
+was seen keeps working while the backend is away. A file's node keeps its identity (and
+so its inode) while its fileUri stays the same; a new fileUri under the same name is a
+new node, so the kernel never mixes the pages of two files.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import trio
+
+from enosfs.api import Device, EnosClient, FileFeatures, FileMeta, FileRef, Firmware
+from enosfs.config import CATEGORIES, Settings
+from enosfs.errors import Denied, EnosfsError, NotFound
+from enosfs.naming import feature_file_name, firmware_file_name, safe_name, settle, uri_id
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+META_CONCURRENCY = 16
+_ID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)?")
+_ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_FILE_SCHEMES = ("enos-connect://",)
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    name: str
+    parent: Dir | None
+
+    @property
+    def path(self) -> str:
+        parts: list[str] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
+
+
+@dataclass(eq=False)
+class Dir(Node):
+    kind: str  # root | org | asset | category
+    org: str = ""
+    asset: str = ""
+    category: str = ""
+    children: dict[str, Node] | None = None
+    hidden: dict[str, Node] = field(default_factory=dict)
+    missing: dict[str, float] = field(default_factory=dict)
+    loaded_at: float = float("-inf")
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass(eq=False)
+class File(Node):
+    ref: FileRef
+    meta: FileMeta | None = None
+    meta_at: float = float("-inf")
+    # Where the file came from, for xattrs.
+    origin: dict[str, str] = field(default_factory=dict)
+    mtime_ms: int | None = None
+
+
+@dataclass
+class _Entry:
+    """A file found by a listing, before names are settled."""
+
+    wanted: str
+    key: tuple[str, ...]
+    uri: str
+    meta: FileMeta | None
+    origin: dict[str, str]
+    mtime_ms: int | None
+
+
+class Namespace:
+    def __init__(
+        self,
+        client: EnosClient,
+        settings: Settings,
+        *,
+        on_version_change: Callable[[File, FileMeta | None], None] | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.ttl = settings.metadata_ttl
+        self.clock = clock
+        self.on_version_change = on_version_change
+        self.mount_time_ns = time.time_ns()
+        self._inodes = count(ROOT_INODE + 1)
+        self.nodes: dict[int, Node] = {}
+        self.root = Dir(ROOT_INODE, "", None, "root")
+        self.nodes[ROOT_INODE] = self.root
+        self.devices: dict[tuple[str, str], tuple[float, Device]] = {}
+        self.models: dict[tuple[str, str], tuple[float, FileFeatures]] = {}
+        self.firmwares: dict[tuple[str, str], tuple[float, list[Firmware]]] = {}
+        self._denied_said: set[str] = set()
+        self._meta_limit = trio.Semaphore(META_CONCURRENCY)
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    def _new_dir(self, name: str, parent: Dir, kind: str, **kw: str) -> Dir:
+        d = Dir(next(self._inodes), name, parent, kind, **kw)
+        self.nodes[d.inode] = d
+        return d
+
+    def _new_file(self, name: str, parent: Dir, entry: _Entry) -> File:
+        ref = FileRef(parent.org, parent.asset, parent.category, entry.uri)
+        f = File(
+            next(self._inodes), name, parent, ref, origin=entry.origin, mtime_ms=entry.mtime_ms
+        )
+        if entry.meta is not None:
+            f.meta, f.meta_at = entry.meta, self.clock()
+        self.nodes[f.inode] = f
+        return f
+
+    def get(self, inode: int) -> Node | None:
+        return self.nodes.get(inode)
+
+    def fresh(self, d: Dir) -> bool:
+        return d.children is not None and self.clock() - d.loaded_at < self.ttl
+
+    # -- listing -------------------------------------------------------------------------
+
+    async def children(self, d: Dir) -> dict[str, Node]:
+        """The folder's entries, refreshed when older than the TTL."""
+        if self.fresh(d):
+            assert d.children is not None
+            return d.children
+        async with d.lock:
+            if self.fresh(d):
+                assert d.children is not None
+                return d.children
+            try:
+                d.children = await self._list(d)
+            except EnosfsError as exc:
+                if d.children is None:
+                    raise
+                log.warning("%s: cannot refresh listing, serving the last one: %s", d.path, exc)
+                # Try again soon, not at every call.
+                d.loaded_at = self.clock() - self.ttl + min(self.ttl, 5.0)
+                return d.children
+            d.loaded_at = self.clock()
+            return d.children
+
+    async def lookup(self, d: Dir, name: str) -> Node | None:
+        entries = await self.children(d)
+        node = entries.get(name) or d.hidden.get(name)
+        if node is not None:
+            return node
+        if d.kind == "category":
+            for child in entries.values():
+                if isinstance(child, File) and uri_id(child.ref.uri) == name:
+                    return child
+        if d.kind not in ("org", "category"):
+            return None
+        seen_missing = d.missing.get(name)
+        if seen_missing is not None and self.clock() - seen_missing < self.ttl:
+            return None
+        node = await self._lookup_unlisted(d, name)
+        if node is None:
+            d.missing[name] = self.clock()
+        else:
+            d.hidden[name] = node
+        return node
+
+    async def _lookup_unlisted(self, d: Dir, name: str) -> Node | None:
+        """An asset or file that no listing shows but that a user can name."""
+        if d.kind == "org":
+            if not _ASSET_NAME.fullmatch(name):
+                return None
+            try:
+                device = await self.client.get_device(d.org, name)
+            except (NotFound, Denied):
+                return None
+            self.devices[(d.org, name)] = (self.clock(), device)
+            return self._asset_dir(d, name)
+        if not _ID_NAME.fullmatch(name):
+            return None
+        uri = "enos-connect://" + name
+        ref = FileRef(d.org, d.asset, d.category, uri)
+        try:
+            meta = await self.client.file_meta(ref)
+        except NotFound:
+            return None
+        entry = _Entry(name, (), uri, meta, {"uri": uri}, meta.create_time_ms)
+        return self._new_file(name, d, entry)
+
+    async def _list(self, d: Dir) -> dict[str, Node]:
+        old = d.children or {}
+        if d.kind == "root":
+            return {
+                o.org_id: old.get(o.org_id) or self._new_dir(o.org_id, d, "org", org=o.org_id)
+                for o in self.settings.orgs
+            }
+        if d.kind == "org":
+            names = await self._asset_ids(d.org)
+            out: dict[str, Node] = {}
+            for asset_id in names:
+                name = safe_name(asset_id)
+                node = old.get(name) or d.hidden.pop(name, None)
+                out[name] = node or self._asset_dir(d, asset_id)
+            return out
+        if d.kind == "asset":
+            return {
+                c: old.get(c)
+                or self._new_dir(c, d, "category", org=d.org, asset=d.asset, category=c)
+                for c in CATEGORIES
+            }
+        entries = await (
+            self._feature_entries(d) if d.category == "feature" else self._ota_entries(d)
+        )
+        return self._place(d, entries, old)
+
+    def _asset_dir(self, org_dir: Dir, asset_id: str) -> Dir:
+        return self._new_dir(safe_name(asset_id), org_dir, "asset", org=org_dir.org, asset=asset_id)
+
+    def _place(self, d: Dir, entries: list[_Entry], old: dict[str, Node]) -> dict[str, Node]:
+        """Settle names; keep a node (and its inode) where name and fileUri are unchanged."""
+        names = settle((e.wanted, e.key) for e in entries)
+        out: dict[str, Node] = {}
+        for name, entry in zip(names, entries, strict=True):
+            prev = old.get(name)
+            if isinstance(prev, File) and prev.ref.uri == entry.uri:
+                if entry.meta is not None:
+                    self._set_meta(prev, entry.meta)
+                prev.origin, prev.mtime_ms = entry.origin, entry.mtime_ms or prev.mtime_ms
+                out[name] = prev
+            else:
+                out[name] = self._new_file(name, d, entry)
+        return out
+
+    def _say_denied(self, what: str, exc: EnosfsError) -> None:
+        if what not in self._denied_said:
+            self._denied_said.add(what)
+            log.warning(
+                "%s is not permitted for this app (%s); showing only what the configuration names",
+                what,
+                exc,
+            )
+
+    async def _asset_ids(self, org: str) -> list[str]:
+        settings = next(o for o in self.settings.orgs if o.org_id == org)
+        ids: list[str] = []
+        if settings.discover:
+            try:
+                devices = await self.client.search_devices(org)
+            except Denied as exc:
+                self._say_denied(f"device search in {org}", exc)
+                devices = []
+            now = self.clock()
+            for dev in devices:
+                self.devices[(org, dev.asset_id)] = (now, dev)
+                ids.append(dev.asset_id)
+        ids.extend(settings.assets)
+        ids.extend(f.asset for f in self.settings.files if f.org == org)
+        return sorted(set(ids))
+
+    async def _device(self, org: str, asset: str) -> Device | None:
+        cached = self.devices.get((org, asset))
+        if cached is not None and self.clock() - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            dev = await self.client.get_device(org, asset)
+        except NotFound:
+            return None
+        except Denied as exc:
+            self._say_denied(f"device details in {org}", exc)
+            return cached[1] if cached else None
+        self.devices[(org, asset)] = (self.clock(), dev)
+        return dev
+
+    async def _features(self, org: str, model_id: str) -> FileFeatures:
+        cached = self.models.get((org, model_id))
+        if cached is not None and self.clock() - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            features = await self.client.get_file_features(org, model_id)
+        except (Denied, NotFound) as exc:
+            self._say_denied(f"thing model {model_id}", exc)
+            features = FileFeatures()
+        self.models[(org, model_id)] = (self.clock(), features)
+        return features
+
+    async def _firmwares(self, org: str, product_key: str) -> list[Firmware]:
+        cached = self.firmwares.get((org, product_key))
+        if cached is not None and self.clock() - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            found = await self.client.search_firmwares(org, product_key)
+        except Denied as exc:
+            self._say_denied(f"firmware search in {org}", exc)
+            found = []
+        self.firmwares[(org, product_key)] = (self.clock(), found)
+        return found
+
+    def _configured(self, d: Dir) -> list[_Entry]:
+        return [
+            _Entry(
+                f.name or uri_id(f.uri),
+                ("2", f.uri),
+                f.uri,
+                None,
+                {"uri": f.uri, "source": "configuration"},
+                None,
+            )
+            for f in self.settings.files
+            if (f.org, f.asset, f.category) == (d.org, d.asset, d.category)
+        ]
+
+    async def _feature_entries(self, d: Dir) -> list[_Entry]:
+        entries: list[_Entry] = []
+        device = await self._device(d.org, d.asset)
+        if device is not None and device.model_id:
+            features = await self._features(d.org, device.model_id)
+            for ident in features.attributes:
+                uri = device.attributes.get(ident)
+                if _is_file_uri(uri):
+                    entries.append(
+                        _Entry(
+                            feature_file_name(ident, uri),
+                            ("0", ident),
+                            uri,
+                            None,
+                            {"uri": uri, "feature": ident, "feature_type": "attribute"},
+                            None,
+                        )
+                    )
+            if features.measurepoints:
+                try:
+                    latest = await self.client.query_latest(
+                        d.org, d.asset, list(features.measurepoints)
+                    )
+                except Denied as exc:
+                    self._say_denied(f"latest measurement points in {d.org}", exc)
+                    latest = {}
+                for ident in features.measurepoints:
+                    uri = latest.get(ident)
+                    if _is_file_uri(uri):
+                        entries.append(
+                            _Entry(
+                                feature_file_name(ident, uri),
+                                ("1", ident),
+                                uri,
+                                None,
+                                {"uri": uri, "feature": ident, "feature_type": "measurepoint"},
+                                None,
+                            )
+                        )
+        entries.extend(self._configured(d))
+        return await self._with_meta(d, entries)
+
+    async def _ota_entries(self, d: Dir) -> list[_Entry]:
+        entries: list[_Entry] = []
+        device = await self._device(d.org, d.asset)
+        if device is not None and device.product_key:
+            for fw in await self._firmwares(d.org, device.product_key):
+                md5 = fw.sign if fw.sign_method == "md5" else None
+                meta = FileMeta(
+                    uri=fw.url,
+                    size=fw.size,
+                    md5=md5,
+                    sign_method=fw.sign_method,
+                    sign=fw.sign,
+                    create_time_ms=fw.create_time_ms,
+                )
+                origin = {
+                    "uri": fw.url,
+                    "firmware_id": fw.firmware_id,
+                    "firmware": fw.name,
+                    "version": fw.version,
+                }
+                entries.append(
+                    _Entry(
+                        firmware_file_name(fw.name, fw.version, fw.url),
+                        ("0", fw.name, fw.version, fw.firmware_id),
+                        fw.url,
+                        meta if fw.size is not None else None,
+                        origin,
+                        fw.create_time_ms,
+                    )
+                )
+        entries.extend(self._configured(d))
+        return await self._with_meta(d, entries)
+
+    async def _with_meta(self, d: Dir, entries: list[_Entry]) -> list[_Entry]:
+        """Fill in sizes concurrently; drop files the server says no longer exist."""
+        gone: set[int] = set()
+        reuse = {c.ref.uri: c for c in (d.children or {}).values() if isinstance(c, File)}
+
+        async def fill(i: int, e: _Entry) -> None:
+            prev = reuse.get(e.uri)
+            if (
+                prev is not None
+                and prev.meta is not None
+                and self.clock() - prev.meta_at < self.ttl
+            ):
+                e.meta = prev.meta
+                return
+            try:
+                async with self._meta_limit:
+                    e.meta = await self.client.file_meta(FileRef(d.org, d.asset, d.category, e.uri))
+            except NotFound:
+                log.debug("%s: %s is referenced but does not exist", d.path, e.uri)
+                gone.add(i)
+            except EnosfsError as exc:
+                # Listed all the same; getattr will try again and report the error.
+                log.warning("%s: no metadata for %s: %s", d.path, uri_id(e.uri), exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, e in enumerate(entries):
+                if e.meta is None:
+                    nursery.start_soon(fill, i, e)
+        for e in entries:
+            if e.meta is not None and e.mtime_ms is None:
+                e.mtime_ms = e.meta.create_time_ms
+        return [e for i, e in enumerate(entries) if i not in gone]
+
+    # -- file metadata -------------------------------------------------------------------
+
+    def _set_meta(self, f: File, meta: FileMeta) -> None:
+        old = f.meta
+        f.meta, f.meta_at = meta, self.clock()
+        if old is not None and old.version != meta.version:
+            log.info("%s changed on the server (size %s -> %s)", f.path, old.size, meta.size)
+            if self.on_version_change is not None:
+                self.on_version_change(f, old)
+
+    async def file_meta(self, f: File) -> FileMeta:
+        """The file's metadata, fetched again when older than the TTL."""
+        if f.meta is not None and self.clock() - f.meta_at < self.ttl:
+            return f.meta
+        try:
+            meta = await self.client.file_meta(f.ref)
+        except NotFound:
+            raise
+        except EnosfsError:
+            if f.meta is not None:
+                return f.meta  # stale but known; the read path checks sizes again
+            raise
+        self._set_meta(f, meta)
+        return meta
+
+    def all_files(self) -> Iterable[File]:
+        return (n for n in self.nodes.values() if isinstance(n, File))
+
+
+def _is_file_uri(value: Any) -> bool:
+    return isinstance(value, str) and any(
+        value.startswith(scheme) and len(value) > len(scheme) for scheme in _FILE_SCHEMES
+    )

@@ -1,0 +1,94 @@
+"""Deadlines and retries for network calls.
+
+One policy for every call: a call has a deadline that covers all its attempts, and only
+failures that another attempt can cure (connect errors, resets, 5xx, 429) are retried,
+with jittered exponential backoff so that many mounts do not retry in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import httpx
+import trio
+
+from enosfs.errors import (
+    DeadlineError,
+    EnosfsError,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    timeout: float = 30.0
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+    max_attempts: int = 8
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, RateLimited | ServerError):
+        return True
+    if isinstance(exc, httpx.TransportError):
+        # A request we built wrong will not get better by sending it again.
+        return not isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError)
+    return isinstance(exc, TransportError) and not isinstance(exc, ProtocolError)
+
+
+def as_enosfs_error(exc: BaseException, what: str) -> EnosfsError:
+    """Turn an httpx failure into our one-line error; ours pass through."""
+    if isinstance(exc, EnosfsError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return DeadlineError(f"{what}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.ConnectError):
+        return TransportError(f"{what}: cannot connect: {exc or type(exc).__name__}")
+    if isinstance(exc, httpx.HTTPError):
+        return TransportError(f"{what}: {type(exc).__name__}: {exc}")
+    return TransportError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+async def retrying(
+    policy: RetryPolicy,
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    deadline: float | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Run attempt() until it succeeds, fails for good, or the deadline passes."""
+    if deadline is None:
+        deadline = trio.current_time() + policy.timeout
+    last: BaseException | None = None
+    for n in range(policy.max_attempts):
+        try:
+            with trio.fail_at(deadline):
+                return await attempt()
+        except trio.TooSlowError:
+            detail = f" (last error: {as_enosfs_error(last, what)})" if last else ""
+            raise DeadlineError(f"{what}: no answer within {policy.timeout:g}s{detail}") from None
+        except (httpx.HTTPError, EnosfsError) as exc:
+            if not is_transient(exc) or n + 1 >= policy.max_attempts:
+                raise as_enosfs_error(exc, what) from None
+            last = exc
+            delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**n))
+            if isinstance(exc, RateLimited) and exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            if trio.current_time() + delay >= deadline:
+                raise as_enosfs_error(exc, what) from None
+            log.debug("%s: retrying in %.2fs after %s", what, delay, as_enosfs_error(exc, what))
+            if on_retry is not None:
+                on_retry(exc)
+            await trio.sleep(delay)
+    raise as_enosfs_error(last or TransportError("gave up"), what)

@@ -1,0 +1,201 @@
+"""Test helpers: a real emulator process, real mounts in subprocesses, reference bytes.
+
+Everything started here is ended here, by PID, and every mount is unmounted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from enosfs.cli import start_emulator, stop_process
+from enosfs.config import SECRET_ENV, Secret, Settings, settings_from_dict
+from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
+
+MOUNT_TIMEOUT = 60.0
+
+
+@dataclass
+class Emulator:
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    app_key: str = DEMO_APP_KEY
+    app_secret: str = DEMO_APP_SECRET
+    org: str = DEMO_ORG
+
+    def admin(self, method: str, path: str, body: Any = None) -> Any:
+        r = httpx.request(method, f"{self.url}/__emulator__/{path}", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.admin("GET", "stats")["requests"])
+
+    def reset_stats(self) -> None:
+        self.admin("POST", "stats/reset")
+
+    def switches(self, **changes: Any) -> dict[str, Any]:
+        return dict(self.admin("POST", "switches", changes))
+
+    def state(self) -> dict[str, Any]:
+        return dict(json.loads((self.data_dir / "state.json").read_text()))
+
+    def blob(self, uri: str) -> bytes:
+        """The bytes the emulator holds for a fileUri: the reference for every read."""
+        import hashlib
+
+        name = hashlib.sha256(uri.encode()).hexdigest()[:32]
+        return (self.data_dir / "blobs" / name).read_bytes()
+
+    def blobs(self) -> dict[str, dict[str, Any]]:
+        return {b["uri"]: b for b in self.state()["blobs"]}
+
+    def settings(self, **kw: Any) -> Settings:
+        raw: dict[str, Any] = {
+            "enos": {"gateway": self.url, "app_key": self.app_key},
+            "org": [{"id": self.org}],
+        }
+        for section, values in kw.items():
+            raw[section] = values
+        return settings_from_dict(raw, {SECRET_ENV: self.app_secret})
+
+
+@contextmanager
+def emulator(data_dir: Path, seed: str = "demo", *extra: str) -> Iterator[Emulator]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc, url = start_emulator(data_dir, seed, extra)
+    try:
+        yield Emulator(proc, url, data_dir)
+    finally:
+        stop_process(proc)
+
+
+def write_config(path: Path, emu: Emulator, extra: str = "") -> Path:
+    path.write_text(
+        f'[enos]\ngateway = "{emu.url}"\napp_key = "{emu.app_key}"\n\n'
+        f'[[org]]\nid = "{emu.org}"\n\n{extra}\n'
+    )
+    return path
+
+
+def secret_env(secret: str | Secret) -> dict[str, str]:
+    env = dict(os.environ)
+    env[SECRET_ENV] = secret.reveal() if isinstance(secret, Secret) else secret
+    return env
+
+
+@dataclass
+class Mount:
+    proc: subprocess.Popen[bytes]
+    path: Path
+    log: Path
+
+    @property
+    def org(self) -> Path:
+        return self.path / DEMO_ORG
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(
+            ["fusermount3", "-u", str(path)], check=False, timeout=30, capture_output=True
+        )
+
+
+@contextmanager
+def mounted(
+    tmp: Path, emu: Emulator, extra_config: str = "", *args: str, secret: str | None = None
+) -> Iterator[Mount]:
+    """`enosfs mount -f` in a subprocess, ready when the kernel shows the mount."""
+    mnt = tmp / "mnt"
+    mnt.mkdir(exist_ok=True)
+    cfg = write_config(tmp / "enosfs.toml", emu, extra_config)
+    log = tmp / "mount.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enosfs",
+            "mount",
+            "-f",
+            "--config",
+            str(cfg),
+            "--log-level",
+            "debug",
+            "--log-file",
+            str(log),
+            *args,
+            str(mnt),
+        ],
+        env=secret_env(secret or emu.app_secret),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(mnt):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise AssertionError(f"mount exited {proc.returncode}: {err}")
+            if time.monotonic() > deadline:
+                raise AssertionError("mount did not appear in time")
+            time.sleep(0.02)
+        yield Mount(proc, mnt, log)
+    finally:
+        unmount(mnt)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+        assert not is_mounted(mnt), "mount left behind"
+
+
+def run(*cmd: str | Path, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False, **kw
+    )
+
+
+def demo_files(emu: Emulator) -> dict[str, str]:
+    """Relative path under the org folder -> fileUri, from the emulator's state."""
+    from enosfs.naming import feature_file_name, firmware_file_name
+
+    state = emu.state()
+    org = next(o for o in state["orgs"] if o["org_id"] == emu.org)
+    out: dict[str, str] = {}
+    for d in org["devices"]:
+        for ident, value in d["attributes"].items():
+            if isinstance(value, str) and value.startswith("enos-connect://"):
+                out[f"{d['asset_id']}/feature/{feature_file_name(ident, value)}"] = value
+        for ident, (_, value) in d["measurepoints"].items():
+            if isinstance(value, str) and value.startswith("enos-connect://"):
+                out[f"{d['asset_id']}/feature/{feature_file_name(ident, value)}"] = value
+        for fw in org["firmwares"]:
+            if fw["product_key"] == d["product_key"]:
+                name = firmware_file_name(fw["name"], fw["version"], fw["file_uri"])
+                out[f"{d['asset_id']}/ota/{name}"] = fw["file_uri"]
+    return out

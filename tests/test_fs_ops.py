@@ -1,0 +1,192 @@
+"""Layer 4: fs.Operations called directly, without the kernel, against the emulator."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from enosfs.blocks import BlockCache
+from enosfs.fs import EnosFS
+from enosfs.namespace import ROOT_INODE, Namespace
+from tests.support import Emulator, demo_files
+from tests.test_client import client_for
+
+
+@asynccontextmanager
+async def ops_for(emu: Emulator, **settings: Any) -> AsyncIterator[EnosFS]:
+    s = emu.settings(**settings)
+    async with client_for(emu) as client, trio.open_nursery() as nursery:
+        cache = BlockCache(client, nursery, block_size=s.block_size, budget=s.cache_memory)
+        yield EnosFS(Namespace(client, s), cache, s)
+        nursery.cancel_scope.cancel()
+
+
+async def walk(ops: EnosFS, path: str) -> pyfuse3.EntryAttributes:
+    inode = ROOT_INODE
+    attrs = await ops.getattr(inode)
+    for part in path.strip("/").split("/"):
+        attrs = await ops.lookup(inode, part.encode())
+        inode = attrs.st_ino
+    return attrs
+
+
+async def listing(ops: EnosFS, inode: int) -> list[str]:
+    fh = await ops.opendir(inode, None)  # type: ignore[arg-type]
+    try:
+        return [name.decode() for name, _ in ops.dir_handles[fh]]
+    finally:
+        await ops.releasedir(fh)
+
+
+def fuse_errno(exc: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
+    return exc.value.errno
+
+
+async def test_tree_sizes_and_bytes(emu: Emulator) -> None:
+    files = demo_files(emu)
+    blobs = emu.blobs()
+    async with ops_for(emu) as ops:
+        assert await listing(ops, ROOT_INODE) == [emu.org]
+        org = await walk(ops, emu.org)
+        assert await listing(ops, org.st_ino) == [
+            "INV-101",
+            "INV-102",
+            "WTG-001",
+            "WTG-002",
+            "WTG-003",
+        ]
+        for rel, uri in sorted(files.items()):
+            attrs = await walk(ops, f"{emu.org}/{rel}")
+            assert attrs.st_size == blobs[uri]["size"], rel
+            assert attrs.st_mode & 0o777 == 0o444
+        emu.reset_stats()
+        attrs = await walk(ops, f"{emu.org}/WTG-002/feature/model_file.json")
+        fi = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+        data = await ops.read(fi.fh, 0, attrs.st_size + 100)
+        assert (
+            hashlib.md5(data).hexdigest() == blobs[files["WTG-002/feature/model_file.json"]]["md5"]
+        )
+        assert await ops.read(fi.fh, attrs.st_size, 10) == b""
+        await ops.release(fi.fh)
+        assert emu.stats().get("files.getFileInfo", 0) == 0  # metadata came with the listing
+
+
+async def test_missing_names_and_write_calls(emu: Emulator) -> None:
+    async with ops_for(emu) as ops:
+        feature = await walk(ops, f"{emu.org}/WTG-001/feature")
+        for name in (b"nope.txt", b"...", b"\xff\xfe", b"0000000000000000.txt"):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await ops.lookup(feature.st_ino, name)
+            assert fuse_errno(info) == errno.ENOENT
+        attrs = await walk(ops, f"{emu.org}/WTG-001/feature/model_file.json")
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await ops.open(attrs.st_ino, flags, None)  # type: ignore[arg-type]
+            assert fuse_errno(info) == errno.EROFS
+        for call in (
+            ops.mkdir,
+            ops.unlink,
+            ops.rmdir,
+            ops.create,
+            ops.rename,
+            ops.setattr,
+            ops.setxattr,
+            ops.write,
+            ops.symlink,
+            ops.link,
+            ops.mknod,
+        ):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await call(feature.st_ino, b"x")
+            assert fuse_errno(info) == errno.EROFS
+
+
+async def test_file_reachable_by_uri_id(emu: Emulator) -> None:
+    files = demo_files(emu)
+    uri = files["WTG-003/feature/scada_export.csv"]
+    file_id = uri.split("://", 1)[1]
+    async with ops_for(emu) as ops:
+        listed = await walk(ops, f"{emu.org}/WTG-003/feature/scada_export.csv")
+        by_id = await walk(ops, f"{emu.org}/WTG-003/feature/{file_id}")
+        assert by_id.st_ino == listed.st_ino
+        # A file another listing does not show: reachable where its id is named.
+        other = files["WTG-001/feature/event_log.db"].split("://", 1)[1]
+        hidden = await walk(ops, f"{emu.org}/WTG-001/feature/{other}")
+        assert hidden.st_size == emu.blobs()[files["WTG-001/feature/event_log.db"]]["size"]
+        feature = await walk(ops, f"{emu.org}/WTG-001/feature")
+        assert other not in await listing(ops, feature.st_ino)
+
+
+async def test_unlisted_asset_is_reachable_by_id(emu: Emulator) -> None:
+    async with ops_for(emu, org=[{"id": emu.org, "discover": False}]) as ops:
+        org = await walk(ops, emu.org)
+        assert await listing(ops, org.st_ino) == []
+        attrs = await walk(ops, f"{emu.org}/INV-101/feature/datasheet.json")
+        assert attrs.st_size > 0
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.lookup(org.st_ino, b"NO-SUCH-ASSET")
+        assert fuse_errno(info) == errno.ENOENT
+
+
+async def test_configured_files_are_shown(emu: Emulator) -> None:
+    uri = demo_files(emu)["INV-102/feature/daily_yield.csv"]
+    extra = [
+        {
+            "org": emu.org,
+            "asset": "INV-102",
+            "category": "feature",
+            "uri": uri,
+            "name": "yield-from-config.csv",
+        }
+    ]
+    async with ops_for(emu, file=extra) as ops:
+        a = await walk(ops, f"{emu.org}/INV-102/feature/yield-from-config.csv")
+        b = await walk(ops, f"{emu.org}/INV-102/feature/daily_yield.csv")
+        assert a.st_size == b.st_size and a.st_ino != b.st_ino
+
+
+async def test_xattrs_say_where_a_file_came_from(emu: Emulator) -> None:
+    files = demo_files(emu)
+    blobs = emu.blobs()
+    async with ops_for(emu) as ops:
+        fw = next(p for p in files if p.startswith("INV-101/ota/"))
+        attrs = await walk(ops, f"{emu.org}/{fw}")
+        names = await ops.listxattr(attrs.st_ino, None)  # type: ignore[arg-type]
+        assert b"user.enos.uri" in names and b"user.enos.sign_method" in names
+        get = ops.getxattr
+        assert await get(attrs.st_ino, b"user.enos.uri", None) == files[fw].encode()  # type: ignore[arg-type]
+        assert await get(attrs.st_ino, b"user.enos.sign_method", None) == b"sha256"  # type: ignore[arg-type]
+        assert await get(attrs.st_ino, b"user.enos.sign", None) == blobs[files[fw]]["sign"].encode()  # type: ignore[arg-type]
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await get(attrs.st_ino, b"user.enos.nothing", None)  # type: ignore[arg-type]
+        assert fuse_errno(info) == pyfuse3.ENOATTR
+
+
+async def test_statfs(emu: Emulator) -> None:
+    async with ops_for(emu) as ops:
+        await walk(ops, f"{emu.org}/WTG-001/feature/model_file.json")
+        s = await ops.statfs(None)  # type: ignore[arg-type]
+        assert s.f_namemax == 255 and s.f_blocks > 0 and s.f_bavail == 0
+
+
+async def test_a_bug_in_a_handler_is_eio_not_a_crash(
+    emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with ops_for(emu) as ops:
+
+        async def broken(*_: object) -> None:
+            raise RuntimeError("boom")
+
+        ops.ns.children = broken  # type: ignore[method-assign]
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.lookup(ROOT_INODE, emu.org.encode())
+        assert fuse_errno(info) == errno.EIO
+        assert "unexpected error" in caplog.text and "boom" in caplog.text

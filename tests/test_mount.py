@@ -1,0 +1,285 @@
+"""Layer 5: real FUSE mounts in a subprocess, driven by ordinary tools."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    Emulator,
+    demo_files,
+    emulator,
+    is_mounted,
+    mounted,
+    run,
+    secret_env,
+    write_config,
+)
+
+BIG = "WTG-001/feature/vibration_raw.bin"
+
+
+def test_ls_R_shows_the_demo_tree(emu: Emulator, work: Path) -> None:
+    with mounted(work, emu) as m:
+        out = run("ls", "-R", m.org)
+        assert out.returncode == 0, out.stderr
+        found: set[str] = set()
+        folder = ""
+        for line in out.stdout.splitlines():
+            if line.endswith(":"):
+                folder = os.path.relpath(line[:-1], m.org)
+            elif line and folder.count("/") == 1:
+                found.add(f"{folder}/{line}")
+        assert found == set(demo_files(emu))
+
+
+def test_ls_l_sizes_match_without_any_download(emu: Emulator, work: Path) -> None:
+    blobs = emu.blobs()
+    with mounted(work, emu) as m:
+        emu.reset_stats()
+        for rel, uri in demo_files(emu).items():
+            assert (m.org / rel).stat().st_size == blobs[uri]["size"], rel
+        out = run("ls", "-lR", m.org)
+        assert out.returncode == 0
+        stats = emu.stats()
+        assert stats.get("files.download", 0) == 0
+        assert stats.get("files.download.bytes", 0) == 0
+
+
+def test_cp_r_then_cmp_every_byte(emu: Emulator, work: Path) -> None:
+    with mounted(work, emu) as m:
+        dest = work / "copy"
+        out = run("cp", "-r", m.org, dest)
+        assert out.returncode == 0, out.stderr
+        for rel, uri in demo_files(emu).items():
+            ref = emu.data_dir / "blobs" / hashlib.sha256(uri.encode()).hexdigest()[:32]
+            assert run("cmp", dest / rel, ref).returncode == 0, rel
+        md5 = run("md5sum", *sorted((m.org / "WTG-002/feature").iterdir()))
+        assert md5.returncode == 0
+        blobs = emu.blobs()
+        files = demo_files(emu)
+        for line in md5.stdout.splitlines():
+            digest, path = line.split(maxsplit=1)
+            assert digest == blobs[files[os.path.relpath(path, m.org)]]["md5"]
+
+
+def test_zip_sqlite_and_png_read_through_the_mount(emu: Emulator, work: Path) -> None:
+    with mounted(work, emu) as m:
+        feature = m.org / "WTG-001/feature"
+        with zipfile.ZipFile(feature / "commissioning_docs.zip") as z:
+            assert z.testzip() is None
+            assert "README.txt" in z.namelist()
+        con = sqlite3.connect(f"file:{feature / 'event_log.db'}?mode=ro&immutable=1", uri=True)
+        try:
+            assert con.execute("select count(*) from events").fetchone()[0] == 500
+        finally:
+            con.close()
+        assert (feature / "nameplate_photo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (feature / "maintenance_notes.txt").read_bytes() == b""
+        out = run("unzip", "-l", feature / "commissioning_docs.zip")
+        assert out.returncode == 0 and "report/summary.md" in out.stdout
+
+
+def test_random_preads_match_reference(emu: Emulator, work: Path) -> None:
+    want = emu.blob(demo_files(emu)[BIG])
+    with mounted(work, emu) as m:
+        fd = os.open(m.org / BIG, os.O_RDONLY)
+        try:
+            rnd = random.Random(5)
+            for _ in range(400):
+                off = rnd.randrange(len(want))
+                n = rnd.choice([1, 512, 4096, 65536, 1 << 20])
+                assert os.pread(fd, n, off) == want[off : off + n], (off, n)
+            assert os.pread(fd, 100, len(want)) == b""
+        finally:
+            os.close(fd)
+
+
+def test_8_concurrent_readers_cause_one_download_per_block(emu: Emulator, work: Path) -> None:
+    uri = demo_files(emu)[BIG]
+    size = emu.blobs()[uri]["size"]
+    with mounted(work, emu) as m:
+        emu.reset_stats()
+        procs = [
+            subprocess.Popen(["md5sum", str(m.org / BIG)], stdout=subprocess.PIPE, text=True)
+            for _ in range(8)
+        ]
+        sums = [p.communicate(timeout=120)[0].split()[0] for p in procs]
+        assert sums == [emu.blobs()[uri]["md5"]] * 8
+        assert emu.stats()["files.download.bytes"] == size
+
+
+def test_file_reachable_by_uri_id_and_enoent(emu: Emulator, work: Path) -> None:
+    files = demo_files(emu)
+    uri = files["WTG-002/feature/event_log.db"]
+    with mounted(work, emu) as m:
+        by_id = m.org / "WTG-002/feature" / uri.split("://", 1)[1]
+        assert by_id.read_bytes() == emu.blob(uri)
+        with pytest.raises(FileNotFoundError):
+            (m.org / "WTG-002/feature/0123456789abcdef.txt").read_bytes()
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.org / "NO-SUCH-ASSET")
+        assert run("ls", m.org / "nothing-here").returncode != 0
+
+
+def test_every_write_fails_with_erofs(emu: Emulator, work: Path) -> None:
+    with mounted(work, emu) as m:
+        target = m.org / "WTG-001/feature/model_file.json"
+        attempts = [
+            lambda: os.open(target, os.O_RDWR),
+            lambda: os.open(m.org / "WTG-001/feature/new.txt", os.O_WRONLY | os.O_CREAT),
+            lambda: os.mkdir(m.org / "WTG-001/newdir"),
+            lambda: os.unlink(target),
+            lambda: os.rename(target, m.org / "WTG-001/feature/x"),
+            lambda: os.chmod(target, 0o666),
+            lambda: os.setxattr(target, "user.x", b"1"),
+            lambda: os.truncate(target, 0),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as info:
+                attempt()
+            assert info.value.errno == errno.EROFS
+        assert run("touch", m.org / "WTG-001/feature/t").returncode != 0
+
+
+def test_xattrs_through_the_kernel(emu: Emulator, work: Path) -> None:
+    files = demo_files(emu)
+    with mounted(work, emu) as m:
+        path = m.org / "WTG-001/feature/model_file.json"
+        assert (
+            os.getxattr(path, "user.enos.uri").decode() == files["WTG-001/feature/model_file.json"]
+        )
+        assert os.getxattr(path, "user.enos.original_name") == b"wtg-001-model.json"
+        assert "user.enos.md5" in os.listxattr(path)
+
+
+def test_a_read_that_spans_token_expiry_succeeds(demo_emu: Emulator, work: Path) -> None:
+    # A second emulator on the same demo data, whose tokens live 2 seconds.
+    with emulator(demo_emu.data_dir, "demo", "--token-lifetime", "2") as emu:
+        want = emu.blob(demo_files(emu)[BIG])
+        with mounted(work, emu) as m, open(m.org / BIG, "rb") as f:
+            rnd = random.Random(9)
+            deadline = time.monotonic() + 5
+            reads = 0
+            while time.monotonic() < deadline:
+                off = rnd.randrange(len(want) - 4096)
+                f.seek(off)
+                assert f.read(4096) == want[off : off + 4096]
+                reads += 1
+                time.sleep(0.2)
+            assert reads >= 20
+        stats = emu.stats()
+        assert stats["token.refresh"] + stats["token.get"] >= 3
+        assert stats.get("auth.rejected", 0) == 0
+
+
+def test_sigterm_unmounts_cleanly(emu: Emulator, work: Path) -> None:
+    with mounted(work, emu) as m:
+        assert (m.org / "WTG-001").is_dir()
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(timeout=30) == 0
+        assert not is_mounted(m.path)
+        assert "SIGTERM received" in m.log_text()
+
+
+def test_background_mount_then_umount(emu: Emulator, work: Path) -> None:
+    mnt = work / "bg"
+    mnt.mkdir()
+    cfg = write_config(work / "c.toml", emu)
+    out = run(
+        sys.executable,
+        "-m",
+        "enosfs",
+        "mount",
+        "--config",
+        cfg,
+        mnt,
+        env=secret_env(emu.app_secret),
+    )
+    try:
+        assert out.returncode == 0, out.stderr
+        assert is_mounted(mnt)
+        pid = int(out.stdout.split("(pid ")[1].split(")")[0])
+        assert (mnt / emu.org / "WTG-003" / "ota").is_dir()
+        assert emu.app_secret not in Path(f"/proc/{pid}/cmdline").read_text()
+    finally:
+        done = run(sys.executable, "-m", "enosfs", "umount", mnt)
+    assert done.returncode == 0, done.stderr
+    assert not is_mounted(mnt)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the mount process outlived its unmount"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing-mountpoint", "does not exist"),
+        ("bad-key", "unknown key 'cache.memroy'"),
+        ("wrong-secret", "encryption"),
+        ("unknown-org", "orgId does not exist"),
+        ("unreachable", "cannot connect"),
+        ("not-empty", "not empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_nothing_mounted(
+    emu: Emulator, work: Path, case: str, message: str
+) -> None:
+    mnt = work / "mnt"
+    mnt.mkdir()
+    cfg = write_config(work / "c.toml", emu)
+    secret = emu.app_secret
+    target = mnt
+    if case == "missing-mountpoint":
+        target = work / "absent"
+    elif case == "bad-key":
+        cfg.write_text(cfg.read_text() + "[cache]\nmemroy = 1\n")
+    elif case == "wrong-secret":
+        secret = "not-the-secret"
+    elif case == "unknown-org":
+        cfg.write_text(cfg.read_text().replace(emu.org, "o-unknown"))
+    elif case == "unreachable":
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg.write_text(
+            cfg.read_text().replace(emu.url, f"http://127.0.0.1:{port}")
+            + "[network]\ntimeout = 3\n"
+        )
+    elif case == "not-empty":
+        (mnt / "file").write_text("x")
+    started = time.monotonic()
+    for args in (["-f"], []):
+        out = run(
+            sys.executable,
+            "-m",
+            "enosfs",
+            "mount",
+            *args,
+            "--config",
+            cfg,
+            target,
+            env=secret_env(secret),
+            timeout=60,
+        )
+        assert out.returncode == 1, out
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("enosfs: "), out.stderr
+        assert message in lines[0]
+        assert "Traceback" not in out.stderr and secret not in out.stderr
+        assert not is_mounted(mnt)
+    assert time.monotonic() - started < 40

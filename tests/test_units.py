@@ -1,0 +1,363 @@
+"""Layer 1: pure units. No network, no FUSE."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from enosfs.api import check_envelope, file_features, parse_content_range, parse_file_meta
+from enosfs.config import SECRET_ENV, Secret, load_settings, parse_seconds, parse_size
+from enosfs.emulator.app import parse_range
+from enosfs.emulator.expr import ExpressionError, compile_expression
+from enosfs.errors import (
+    ConfigError,
+    Denied,
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    TokenRejected,
+    errno_of,
+)
+from enosfs.naming import (
+    NAME_MAX,
+    feature_file_name,
+    firmware_file_name,
+    safe_name,
+    settle,
+    uri_extension,
+    uri_id,
+)
+from enosfs.readahead import MiB, ReadAhead
+from enosfs.signature import token_signature
+
+# -- signature ---------------------------------------------------------------------------
+
+
+def test_signature_is_sha256_of_key_timestamp_secret() -> None:
+    expected = "85fce9b43916998b4d6288d98c4daf07fad39ed02036eec506595c90341685a0"
+    assert token_signature("appKey", 1572574909697, "appSecret") == expected
+    assert token_signature("appKey", "1572574909697", "appSecret") == expected
+
+
+# -- naming ------------------------------------------------------------------------------
+
+
+def test_uri_parts() -> None:
+    assert uri_id("enos-connect://2963ede9f0800000.txt") == "2963ede9f0800000.txt"
+    assert uri_extension("enos-connect://23f5ff270b800000.ZIP") == ".zip"
+    assert uri_extension("enos-connect://23f5ff270b800000") == ""
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        ("a/b", "a_b"),
+        ("nul\x00here", "nul_here"),
+        (".", "_"),
+        ("..", "__"),
+        ("", "unnamed"),
+        ("tab\tnew\nline", "tab_new_line"),
+        ("back\\slash", "back_slash"),
+        ("ok name.csv", "ok name.csv"),
+    ],
+)
+def test_safe_name(raw: str, want: str) -> None:
+    assert safe_name(raw) == want
+
+
+def test_long_names_are_cut_to_255_bytes_keeping_extension_and_uniqueness() -> None:
+    a = safe_name("é" * 300 + ".csv")
+    b = safe_name("é" * 299 + "x.csv")
+    assert len(a.encode()) <= NAME_MAX and len(b.encode()) <= NAME_MAX
+    assert a.endswith(".csv") and b.endswith(".csv")
+    assert a != b
+
+
+def test_lone_surrogates_become_valid_utf8() -> None:
+    name = safe_name("bad\udcffname")
+    name.encode("utf-8")  # must not raise
+    assert name.startswith("bad") and name.endswith("name")
+
+
+def test_feature_and_firmware_names() -> None:
+    assert feature_file_name("manual", "enos-connect://ab12.pdf") == "manual.pdf"
+    assert feature_file_name("a/b", "enos-connect://ab12") == "a_b"
+    assert firmware_file_name("ctrl", "1.2.0", "enos-connect://x.bin") == "ctrl-1.2.0.bin"
+    assert firmware_file_name("../..", "", "enos-connect://x") == ".._.."
+    assert "/" not in firmware_file_name("a/b", "1/2", "enos-connect://x.hex")
+
+
+def test_settle_is_deterministic_and_unique() -> None:
+    items = [("x.csv", ("1", "b")), ("x.csv", ("0", "a")), ("y", ("0",)), ("x~2.csv", ("9",))]
+    names = settle(items)
+    assert names == settle(items)
+    assert len(set(names)) == len(names)
+    # The smallest key keeps the wanted name, whatever the input order.
+    assert names[1] == "x.csv"
+    assert names[0] not in ("x.csv", "x~2.csv") and names[0].endswith(".csv")
+    assert settle(list(reversed(items))) == list(reversed(names))
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def write(tmp: Path, text: str) -> Path:
+    p = tmp / "c.toml"
+    p.write_text(text)
+    return p
+
+
+BASE = '[enos]\ngateway = "https://gw.example"\napp_key = "k"\n[[org]]\nid = "o1"\n'
+
+
+def test_config_minimal_with_secret_from_env(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, BASE), env={SECRET_ENV: "s3cret"})
+    assert s.integration == "https://gw.example"
+    assert s.app_secret.reveal() == "s3cret"
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s.redacted())
+
+
+def test_config_full(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    secret.chmod(0o600)
+    text = BASE.replace(
+        'app_key = "k"',
+        'app_key = "k"\napp_secret_file = "secret"\nintegration = "https://int.example/"',
+    ) + (
+        '[[file]]\norg = "o1"\nasset = "a1"\ncategory = "ota"\nuri = "enos-connect://x.bin"\n'
+        '[cache]\nmemory = "64MiB"\nblock_size = "256KiB"\nmetadata_ttl = "2m"\n'
+        '[kernel]\nentry_timeout = 1.5\nattr_timeout = "500ms"\n'
+        '[network]\ntimeout = "45s"\nmax_connections = 8\n'
+    )
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.app_secret == Secret("from-file")
+    assert s.integration == "https://int.example"
+    assert s.files[0].category == "ota"
+    assert (s.cache_memory, s.block_size, s.metadata_ttl) == (64 * MiB, 256 * 1024, 120.0)
+    assert (s.entry_timeout, s.attr_timeout, s.timeout) == (1.5, 0.5, 45.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BASE + "[cache]\nmemroy = 1\n", "unknown key 'cache.memroy'"),
+        ("bogus = 1\n" + BASE, "unknown key 'bogus'"),
+        (BASE + "bogus = 1\n", "unknown key 'org[0].bogus'"),
+        (BASE + "[cache]\nmemory = 'lots'\n", "cache.memory must be a size"),
+        (BASE + "[cache]\nblock_size = '3KiB'\n", "power of two"),
+        (BASE + "[kernel]\nallow_other = 'yes'\n", "kernel.allow_other must be true or false"),
+        (BASE.replace("https://gw.example", "ftp://x"), "enos.gateway must be an http(s) URL"),
+        (BASE.replace('[[org]]\nid = "o1"\n', ""), "at least one organisation"),
+        (
+            BASE.replace('app_key = "k"\n', 'app_key = "k"\napp_secret = "x"\n'),
+            "enos.app_secret is not allowed",
+        ),
+        ("not toml [", "not valid TOML"),
+        (
+            BASE + '[[file]]\norg = "o2"\nasset = "a"\nuri = "enos-connect://x"\n',
+            "is not one of the [[org]] ids",
+        ),
+    ],
+)
+def test_config_errors_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={SECRET_ENV: "s"})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_config_missing_secret(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no app secret"):
+        load_settings(write(tmp_path, BASE), env={})
+
+
+def test_config_refuses_secret_file_readable_by_others(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    secret.chmod(0o644)
+    text = BASE.replace('app_key = "k"', 'app_key = "k"\napp_secret_file = "secret"')
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("1.5GiB", "x") == 3 * 512 * MiB
+    assert parse_size(4096, "x") == 4096
+    assert parse_size("4M", "x") == 4_000_000
+    assert parse_seconds("250ms", "x") == 0.25
+    assert parse_seconds("5m", "x") == 300
+    for bad in ("-1", True, "1 parsec"):
+        with pytest.raises(ConfigError):
+            parse_size(bad, "x")
+
+
+# -- envelopes and headers ---------------------------------------------------------------
+
+
+def test_envelope_success() -> None:
+    doc = check_envelope(200, b'{"code":0,"msg":"OK","data":[1]}', "w")
+    assert doc is not None and doc["data"] == [1]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "exc", "err"),
+    [
+        (200, b'{"code":99404,"msg":"gone","requestId":"r1"}', NotFound, errno.ENOENT),
+        (200, b'{"code":24404,"msg":"Firmware not found"}', NotFound, errno.ENOENT),
+        (200, b'{"code":99403,"msg":"no"}', Denied, errno.EACCES),
+        (200, b'{"code":99400,"msg":"bad"}', InvalidArgument, errno.EINVAL),
+        (200, b'{"code":99500,"msg":"oops"}', ServerError, errno.EIO),
+        (400, b'{"code":99404,"msg":"gone"}', NotFound, errno.ENOENT),
+        (200, b'{"code":1203,"msg":"expired"}', TokenRejected, errno.EACCES),
+        (200, b'{"apim_status":4011,"msg":"expired"}', TokenRejected, errno.EACCES),
+        (401, b'{"message":"Invalid authentication credentials"}', TokenRejected, errno.EACCES),
+        (429, b'{"message":"API rate limit exceeded"}', RateLimited, errno.EIO),
+        (503, b"<html>busy</html>", ServerError, errno.EIO),
+        (200, b"not json", ProtocolError, errno.EIO),
+    ],
+)
+def test_envelope_failures(status: int, body: bytes, exc: type, err: int) -> None:
+    with pytest.raises(exc) as info:
+        check_envelope(status, body, "what")
+    assert errno_of(info.value) == err
+    assert "\n" not in str(info.value)
+
+
+def test_envelope_carries_code_message_and_request_id() -> None:
+    with pytest.raises(NotFound) as info:
+        check_envelope(200, b'{"code":99404,"msg":"file gone","requestId":"req-7"}', "download")
+    e = info.value
+    assert (e.code, e.msg, e.request_id) == (99404, "file gone", "req-7")
+    assert "req-7" in str(e) and "99404" in str(e) and str(e).startswith("download: ")
+
+
+def test_file_content_that_is_not_an_envelope_passes() -> None:
+    assert check_envelope(200, b'{"rated_power": 3000}', "d", require_envelope=False) is None
+    assert check_envelope(200, b"\x89PNG", "d", require_envelope=False) is None
+
+
+def test_content_range() -> None:
+    assert parse_content_range("bytes 0-99/1000") == (0, 99, 1000)
+    assert parse_content_range("bytes */1000") == (None, None, 1000)
+    assert parse_content_range("bytes 5-9/*") == (5, 9, None)
+    assert parse_content_range("garbage") == (None, None, None)
+
+
+def test_file_meta_parsing() -> None:
+    m = parse_file_meta(
+        "enos-connect://a.txt",
+        {"fileSize": "12", "md5": "A" * 32, "originalFilename": "x.txt", "createTime": 5},
+    )
+    assert (m.size, m.md5, m.original_name, m.create_time_ms) == (12, "a" * 32, "x.txt", 5)
+    with pytest.raises(ProtocolError):
+        parse_file_meta("enos-connect://a.txt", {"md5": "x"})
+    with pytest.raises(ProtocolError):
+        parse_file_meta("enos-connect://a.txt", None)
+
+
+def test_file_features_from_maps_or_lists() -> None:
+    model = {
+        "attributes": {
+            "m": {"identifier": "m", "dataType": "FILE"},
+            "p": {"identifier": "p", "dataType": "DOUBLE"},
+        },
+        "measurepoints": [{"identifier": "s", "dataType": "file"}, "junk"],
+    }
+    f = file_features(model)
+    assert f.attributes == ("m",) and f.measurepoints == ("s",) and f.events == ()
+    assert file_features(None).attributes == ()
+
+
+# -- read-ahead --------------------------------------------------------------------------
+
+
+def test_readahead_grows_while_sequential_and_stops_on_jump() -> None:
+    ra = ReadAhead(initial=1 * MiB, maximum=8 * MiB)
+    size = 1024 * MiB
+    step = 128 * 1024
+    assert ra.on_read(0, step, size) is None  # one read is not a pattern yet
+    first = ra.on_read(step, step, size)
+    assert first == (2 * step, 2 * step + 1 * MiB)
+    windows = []
+    off = 2 * step
+    for _ in range(400):
+        got = ra.on_read(off, step, size)
+        if got:
+            windows.append(got[1] - got[0])
+            assert got[0] >= off  # never fetches what was already asked for
+        off += step
+    assert ra.window == 8 * MiB
+    assert max(windows) <= 8 * MiB
+    assert ra.on_read(500 * MiB, step, size) is None
+    assert ra.window == 0
+
+
+def test_readahead_never_for_random_reads() -> None:
+    ra = ReadAhead()
+    import random
+
+    rnd = random.Random(1)
+    hits = [ra.on_read(rnd.randrange(0, 1000) * 4 * MiB, 4096, 4096 * MiB) for _ in range(200)]
+    assert all(h is None for h in hits)
+
+
+def test_readahead_stops_at_end_of_file() -> None:
+    ra = ReadAhead(initial=1 * MiB)
+    size = 1 * MiB
+    ra.on_read(0, 128 * 1024, size)
+    got = ra.on_read(128 * 1024, 128 * 1024, size)
+    assert got is not None and got[1] == size
+
+
+# -- emulator pieces ---------------------------------------------------------------------
+
+
+def test_emulator_range_parsing() -> None:
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-", 100) == (90, 99)
+    assert parse_range("bytes=-10", 100) == (90, 99)
+    assert parse_range("bytes=50-1000", 100) == (50, 99)
+    assert parse_range("bytes=100-", 100) == "unsatisfiable"
+    assert parse_range("bytes=0-0", 0) == "unsatisfiable"
+    assert parse_range("bytes=0-1,5-6", 100) is None
+    assert parse_range("items=0-1", 100) is None
+
+
+def test_expressions() -> None:
+    doc = {
+        "productKey": "pk1",
+        "assetId": "a",
+        "deviceName": {"defaultValue": "Turbine 7", "i18nValue": {"en_US": "T7"}},
+        "deviceTags": {"site": "north"},
+    }
+    assert compile_expression("productKey = 'pk1'")(doc)
+    assert compile_expression("productKey in ('x', \"pk1\")")(doc)
+    assert not compile_expression("productKey != 'pk1'")(doc)
+    assert compile_expression("deviceName like 'turbine'")(doc)
+    assert compile_expression("deviceName.en_US = 'T7'")(doc)
+    assert compile_expression("exists(deviceTags.site) and not exists(deviceTags.x)")(doc)
+    assert compile_expression("(assetId = 'b' or assetId = 'a') and productKey='pk1'")(doc)
+    assert compile_expression("")(doc)
+    with pytest.raises(ExpressionError):
+        compile_expression("productKey ==")
+    with pytest.raises(ExpressionError):
+        compile_expression("productKey = 'a' garbage")
+
+
+def test_secret_never_prints() -> None:
+    s = Secret("hunter2")
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s) and "hunter2" not in f"{s}"
+    assert s.reveal() == "hunter2"
+    assert os.environ.get(SECRET_ENV) != "hunter2"
