@@ -14,8 +14,9 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 import trio
@@ -32,6 +33,7 @@ from enosfs.errors import (
 )
 from enosfs.naming import uri_id
 from enosfs.retry import RetryPolicy, retrying
+from enosfs.transport import LeanTransport, origin_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -309,15 +311,39 @@ class Body:
     ranged: bool
     _prefix: bytes = b""
     _response: httpx.Response | None = None
-    chunk_count: int = field(default=0)
+    _chunks: AsyncIterator[bytes] | None = None
+    _leftover: bytes = b""
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def readinto(self, view: memoryview) -> int:
+        """Fill the start of view with the next body bytes; 0 at the end of the body.
+
+        With the lean transport the socket writes straight into view; otherwise chunks
+        from httpx are copied in.
+        """
         if self._prefix:
-            yield self._prefix
-        if self._response is not None:
-            async for chunk in self._response.aiter_raw():
-                if chunk:
-                    yield chunk
+            n = min(len(view), len(self._prefix))
+            view[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        if self._response is None:
+            return 0
+        direct = self._response.extensions.get("readinto")
+        if direct is not None and self._chunks is None:
+            return int(await direct(view))
+        if not self._leftover:
+            if self._chunks is None:
+                self._chunks = self._response.aiter_raw()
+            self._leftover = await anext(self._chunks, b"")
+        n = min(len(view), len(self._leftover))
+        view[:n] = self._leftover[:n]
+        self._leftover = self._leftover[n:]
+        return n
+
+    async def chunks(self, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        while n := await self.readinto(view):
+            yield bytes(view[:n])
 
 
 # -- the client -------------------------------------------------------------------------
@@ -332,8 +358,15 @@ class EnosClient:
         gateway: str,
         integration: str,
         policy: RetryPolicy | None = None,
+        lean: LeanTransport | None = None,
     ) -> None:
         self.http = http
+        # File bodies go through the lean transport where there is one (transport.py).
+        self.lean = lean
+        files_url = httpx.URL(f"{integration.rstrip('/')}/connect-service/v2.1/files")
+        self._files_origin = origin_of(files_url)
+        self._files_path = files_url.raw_path
+        self._targets: dict[FileRef, bytes] = {}
         self.tokens = tokens
         self.gateway = gateway.rstrip("/")
         self.integration = integration.rstrip("/")
@@ -581,10 +614,18 @@ class EnosClient:
 
         async def send(token: str) -> Body:
             self.requests[kind] += 1
-            req = self.http.build_request(
-                "GET", url, params=params, headers={**headers, "apim-accesstoken": token}
-            )
-            resp = await self.http.send(req, stream=True)
+            if self.lean is not None:
+                raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+                raw.append((b"apim-accesstoken", token.encode()))
+                raw.append((b"user-agent", b"enosfs"))
+                resp = await self.lean.request(
+                    "GET", self._files_origin, self._download_target(ref), raw
+                )
+            else:
+                req = self.http.build_request(
+                    "GET", url, params=params, headers={**headers, "apim-accesstoken": token}
+                )
+                resp = await self.http.send(req, stream=True)
             try:
                 body = await _classify_download(resp, start, what)
             except BaseException:
@@ -603,17 +644,27 @@ class EnosClient:
                 with trio.CancelScope(shield=True):
                     await resp.aclose()
 
+    def _download_target(self, ref: FileRef) -> bytes:
+        target = self._targets.get(ref)
+        if target is None:
+            query = urlencode({"action": "download", **ref.params()}).encode()
+            target = self._files_path + b"?" + query
+            if len(self._targets) > 100_000:
+                self._targets.clear()
+            self._targets[ref] = target
+        return target
+
 
 def _maybe_unsupported(exc: ApiError) -> bool:
     """Would an older server without getFileInfo answer like this?"""
     return isinstance(exc, InvalidArgument) or exc.http_status in (400, 404, 405, 501)
 
 
-async def _read_some(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """Up to `limit` bytes of a body, and whether that was all of it."""
+async def _read_some(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:
+    """Up to about `limit` bytes of a body, and whether that was all of it."""
     parts: list[bytes] = []
     n = 0
-    async for chunk in resp.aiter_raw():
+    async for chunk in chunks:
         parts.append(chunk)
         n += len(chunk)
         if n > limit:
@@ -624,26 +675,31 @@ async def _read_some(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
 async def _classify_download(resp: httpx.Response, start: int, what: str) -> Body:
     status = resp.status_code
     if status == 429:
-        body, _ = await _read_some(resp, _PEEK)
+        body, _ = await _read_some(resp.aiter_raw(), _PEEK)
         raise RateLimited(
-            _message(body) or "rate limit exceeded", _retry_after(resp), http_status=429, what=what
+            _message(body) or "rate limit exceeded",
+            _retry_after(resp),
+            http_status=429,
+            what=what,
         )
     length = _int(resp.headers.get("content-length"))
     if status == 416:
         _, _, total = parse_content_range(resp.headers.get("content-range"))
-        await _read_some(resp, _PEEK)
+        await _read_some(resp.aiter_raw(), _PEEK)
         if total is None or start < total:
             raise ProtocolError(f"{what}: HTTP 416 for a range that should exist")
         return Body(start=start, length=0, total=total, ranged=True)
     if status not in (200, 206):
-        body, _ = await _read_some(resp, _PEEK)
+        body, _ = await _read_some(resp.aiter_raw(), _PEEK)
         check_envelope(status, body, what, require_envelope=False)
         raise ProtocolError(f"{what}: unexpected HTTP {status}")
     prefix = b""
+    chunks: AsyncIterator[bytes] | None = None
     ctype = resp.headers.get("content-type", "").lower()
     if "json" in ctype and (length is None or length <= _PEEK):
         # A failure envelope may come with 200: look before serving anything.
-        prefix, complete = await _read_some(resp, _PEEK)
+        chunks = resp.aiter_raw()
+        prefix, complete = await _read_some(chunks, _PEEK)
         if complete:
             check_envelope(status, prefix, what, require_envelope=False)
     if status == 206:
@@ -661,5 +717,14 @@ async def _classify_download(resp: httpx.Response, start: int, what: str) -> Bod
             ranged=True,
             _prefix=prefix,
             _response=resp,
+            _chunks=chunks,
         )
-    return Body(start=0, length=length, total=length, ranged=False, _prefix=prefix, _response=resp)
+    return Body(
+        start=0,
+        length=length,
+        total=length,
+        ranged=False,
+        _prefix=prefix,
+        _response=resp,
+        _chunks=chunks,
+    )

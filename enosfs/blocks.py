@@ -15,6 +15,7 @@ handled by cutting its whole-file stream into blocks as it arrives.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ import httpx
 import trio
 from cachetools import LRUCache
 
-from enosfs.api import EnosClient, FileRef
+from enosfs.api import Body, EnosClient, FileRef
 from enosfs.errors import EnosfsError, ProtocolError, TransportError
 
 log = logging.getLogger(__name__)
 
 MAX_RESUMES = 3
+MAX_FREE_BUFFERS = 64
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Flight:
     """One block on its way; readers wait on `done`."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: bytearray | None = None
     error: BaseException | None = None
 
 
@@ -69,14 +71,25 @@ class BlockCache:
         self.block_size = block_size
         self.max_request = max(block_size, max_request)
         self.whole_file_limit = whole_file_limit
-        self.lru: LRUCache[tuple[object, ...], bytes] = LRUCache(maxsize=budget, getsizeof=len)
+        self.lru: LRUCache[tuple[object, ...], bytearray] = LRUCache(maxsize=budget, getsizeof=len)
         self.flights: dict[tuple[object, ...], Flight] = {}
         self.stats: Counter[str] = Counter()
+        self._free: list[bytearray] = []
+        self._released: list[bytearray] = []
 
     # -- reading -------------------------------------------------------------------------
 
-    async def read(self, f: CachedFile, offset: int, size: int) -> bytes:
-        """Exactly the bytes [offset, offset+size) of f, fewer only at end of file."""
+    async def read(
+        self, f: CachedFile, offset: int, size: int, *, consume: bool = False
+    ) -> bytes | memoryview:
+        """Exactly the bytes [offset, offset+size) of f, fewer only at end of file.
+
+        A read inside one block is a view of the cached block: no copy on the way to the
+        kernel. A read across blocks is joined. With consume (a sequential reader, whose
+        bytes now sit in the kernel's page cache), blocks read to their end leave the
+        cache and their buffers are reused for the blocks still to come.
+        """
+        self._recycle()
         if offset >= f.size or size <= 0:
             return b""
         end = min(offset + size, f.size)
@@ -86,15 +99,44 @@ class BlockCache:
             self._ensure(f, 0, (f.size - 1) // bs)
         else:
             self._ensure(f, first, last)
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         for index in range(first, last + 1):
             block = await self._block(f, index)
             lo = offset - index * bs if index == first else 0
             hi = end - index * bs if index == last else bs
             if hi > len(block):
                 raise ProtocolError(f"download {f.ref.uri}: block {index} is short")
-            parts.append(block[lo:hi] if (lo, hi) != (0, len(block)) else block)
+            parts.append(memoryview(block)[lo:hi])
+            if consume and hi == len(block):
+                self._release(f, index)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _release(self, f: CachedFile, index: int) -> None:
+        block = self.lru.pop(self._key(f, index), None)
+        if block is not None and len(block) == self.block_size:
+            self._released.append(block)
+
+    def _recycle(self) -> None:
+        """Move released buffers that nobody holds any more to the free list.
+
+        Runs at the start of the next read, when pyfuse3 has sent the previous reply and
+        let go of its view. A buffer still referenced anywhere (a view, a reader waiting
+        on its flight) has a higher reference count and is left to the garbage collector
+        instead: reusing it could change bytes someone is about to send.
+        """
+        if not self._released:
+            return
+        for block in self._released:
+            # References: the list, the loop variable, getrefcount's argument.
+            if sys.getrefcount(block) <= 3 and len(self._free) < MAX_FREE_BUFFERS:
+                self._free.append(block)
+        self._released.clear()
+
+    def _buffer(self, size: int) -> bytearray:
+        if size == self.block_size and self._free:
+            self.stats["reused_buffers"] += 1
+            return self._free.pop()
+        return bytearray(size)
 
     def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
         """Start fetching bytes [start, stop) in the background; nobody waits for them."""
@@ -112,7 +154,7 @@ class BlockCache:
     def _key(self, f: CachedFile, index: int) -> tuple[object, ...]:
         return (*f.key, index)
 
-    async def _block(self, f: CachedFile, index: int) -> bytes:
+    async def _block(self, f: CachedFile, index: int) -> bytearray:
         key = self._key(f, index)
         data = self.lru.get(key)
         if data is not None:
@@ -155,7 +197,9 @@ class BlockCache:
         self.flights[self._key(f, index)] = flight
         return flight
 
-    def _deliver(self, f: CachedFile, index: int, data: bytes, owned: dict[int, Flight]) -> None:
+    def _deliver(
+        self, f: CachedFile, index: int, data: bytearray, owned: dict[int, Flight]
+    ) -> None:
         flight = owned.pop(index)
         self.lru[self._key(f, index)] = data
         flight.data = data
@@ -170,11 +214,15 @@ class BlockCache:
         owned.clear()
 
     async def _fetch(self, f: CachedFile, first: int, last: int, owned: dict[int, Flight]) -> None:
-        """Download blocks first..last, resuming a cut body from the byte it reached."""
+        """Download blocks first..last, resuming a cut body from the byte it reached.
+
+        Bytes go from the socket straight into each block's own buffer; a block is
+        handed to its readers the moment its last byte lands.
+        """
         bs = self.block_size
         pos = first * bs
-        end = min(f.size, (last + 1) * bs)  # exclusive; always a block boundary or EOF
-        buf = bytearray()
+        end = min(f.size, (last + 1) * bs)  # exclusive; a block boundary or EOF
+        block: bytearray | None = None  # the block holding pos, while partly filled
         resumes = 0
         self.stats["fetches"] += 1
         try:
@@ -187,24 +235,23 @@ class BlockCache:
                                 f"expected {f.size}: the file changed"
                             )
                         if not body.ranged:
-                            pos, end = self._adopt_whole_body(f, pos, bool(buf), owned)
-                        at = body.start
-                        async for chunk in body.chunks():
-                            if at + len(chunk) <= pos:
-                                at += len(chunk)
-                                continue
-                            if at < pos:
-                                chunk = chunk[pos - at :]
-                                at = pos
-                            if at + len(chunk) > end:
-                                chunk = chunk[: end - at]
-                            at += len(chunk)
-                            pos = at
-                            buf += chunk
-                            self.stats["bytes"] += len(chunk)
-                            self._hand_out(f, buf, pos, owned)
-                            if pos >= end:
-                                break
+                            pos, end = self._adopt_whole_body(f, pos, block is not None, owned)
+                        if await _skip(body, pos - body.start):
+                            while pos < end:
+                                index = pos // bs
+                                start = index * bs
+                                size = min(bs, f.size - start)
+                                if block is None:
+                                    block = self._buffer(size)
+                                n = await body.readinto(memoryview(block)[pos - start : size])
+                                if n == 0:
+                                    break
+                                pos += n
+                                self.stats["bytes"] += n
+                                if pos == start + size:
+                                    if index in owned:
+                                        self._deliver(f, index, block, owned)
+                                    block = None
                 except httpx.TransportError as exc:
                     log.debug("download of %s interrupted: %r", f.ref.uri, exc)
                 if pos < end:
@@ -245,18 +292,15 @@ class BlockCache:
             pos = min(owned) * bs
         return pos, min(f.size, (max(owned) + 1) * bs)
 
-    def _hand_out(self, f: CachedFile, buf: bytearray, pos: int, owned: dict[int, Flight]) -> None:
-        """Cut complete blocks off the front of buf and give them to their flights."""
-        bs = self.block_size
-        buf_start = pos - len(buf)
-        while buf:
-            index = buf_start // bs
-            block_end = min((index + 1) * bs, f.size)
-            if pos < block_end:
-                return
-            n = block_end - buf_start
-            data = bytes(buf[:n])
-            del buf[:n]
-            buf_start += n
-            if index in owned:
-                self._deliver(f, index, data, owned)
+
+async def _skip(body: Body, count: int) -> bool:
+    """Read and drop count bytes (a server that ignored Range); False if the body ended."""
+    if count <= 0:
+        return True
+    scratch = memoryview(bytearray(min(count, 1024 * 1024)))
+    while count > 0:
+        n = await body.readinto(scratch[: min(count, len(scratch))])
+        if n == 0:
+            return False
+        count -= n
+    return True

@@ -119,10 +119,12 @@ class Settings:
     cache_memory: int = 512 * 1024**2
     block_size: int = 1024**2
     metadata_ttl: float = 60.0
+    read_ahead: int = 64 * 1024**2
     # [kernel]
     entry_timeout: float = 10.0
     attr_timeout: float = 10.0
     allow_other: bool = False
+    kernel_read_ahead: int = 2 * 1024**2  # 0: leave the kernel's default
     # [network]
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -304,7 +306,11 @@ def settings_from_dict(
         )
 
     kw: dict[str, Any] = {}
-    cache = _table(top.get("cache", {}), "cache", {"memory", "block_size", "metadata_ttl"})
+    cache = _table(
+        top.get("cache", {}), "cache", {"memory", "block_size", "metadata_ttl", "read_ahead"}
+    )
+    if "read_ahead" in cache:
+        kw["read_ahead"] = parse_size(cache["read_ahead"], "cache.read_ahead")
     if "memory" in cache:
         kw["cache_memory"] = parse_size(cache["memory"], "cache.memory")
     if "block_size" in cache:
@@ -316,8 +322,12 @@ def settings_from_dict(
         kw["metadata_ttl"] = parse_seconds(cache["metadata_ttl"], "cache.metadata_ttl")
 
     kernel = _table(
-        top.get("kernel", {}), "kernel", {"entry_timeout", "attr_timeout", "allow_other"}
+        top.get("kernel", {}),
+        "kernel",
+        {"entry_timeout", "attr_timeout", "allow_other", "read_ahead"},
     )
+    if "read_ahead" in kernel:
+        kw["kernel_read_ahead"] = parse_size(kernel["read_ahead"], "kernel.read_ahead")
     for key in ("entry_timeout", "attr_timeout"):
         if key in kernel:
             kw[key] = parse_seconds(kernel[key], f"kernel.{key}")
@@ -359,4 +369,6 @@ def settings_from_dict(
     )
     if settings.cache_memory < 4 * settings.block_size:
         raise ConfigError("cache.memory must hold at least four blocks")
+    if settings.read_ahead > settings.cache_memory // 2:
+        raise ConfigError("cache.read_ahead must be at most half of cache.memory")
     return settings

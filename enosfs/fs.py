@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -83,6 +84,7 @@ class EnosFS(pyfuse3.Operations):
         self.dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
         # The version whose pages the kernel may hold, per inode (keep_cache decisions).
         self.kernel_versions: dict[int, object] = {}
+        self.stats: Counter[str] = Counter()
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -201,7 +203,13 @@ class EnosFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         cached = CachedFile(node.ref, meta.size, meta.version)
         fh = next(self._fh)
-        self.handles[fh] = Handle(node, cached, ReadAhead(initial=self.cache.block_size))
+        readahead = ReadAhead(
+            initial=self.cache.block_size,
+            maximum=max(self.cache.block_size, self.settings.read_ahead),
+            # The kernel's parallel reads of its own window arrive slightly out of order.
+            tolerance=max(1024**2, 2 * self.settings.kernel_read_ahead),
+        )
+        self.handles[fh] = Handle(node, cached, readahead)
         # The kernel may keep its pages only if they are of this same version.
         keep = self.kernel_versions.get(inode, meta.version) == meta.version
         self.kernel_versions[inode] = meta.version
@@ -212,12 +220,13 @@ class EnosFS(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        with trio.fail_after(self.settings.timeout + 1):
-            data = await self.cache.read(h.cached, off, size)
+        self.stats["reads"] += 1
+        self.stats["read_bytes"] += size
         ahead = h.readahead.on_read(off, size, h.cached.size)
         if ahead is not None:
             self.cache.prefetch(h.cached, *ahead)
-        return data
+        with trio.fail_after(self.settings.timeout + 1):
+            return await self.cache.read(h.cached, off, size, consume=h.readahead.sequential)
 
     async def release(self, fh: int) -> None:
         self.handles.pop(fh, None)

@@ -29,6 +29,11 @@ class ReadAhead:
     def window(self) -> int:
         return self._window
 
+    @property
+    def sequential(self) -> bool:
+        """Has this reader been reading straight through (two reads or more)?"""
+        return self._streak >= 2
+
     def on_read(self, offset: int, size: int, file_size: int) -> tuple[int, int] | None:
         """Record a read; return the byte range [start, end) to prefetch, if any."""
         end = min(offset + size, file_size)

@@ -17,18 +17,20 @@ from enosfs.api import EnosClient, FileRef
 from enosfs.auth import TokenSource
 from enosfs.config import Secret
 from enosfs.errors import AuthError, InvalidArgument, NotFound, TransportError
-from enosfs.mount import http_client
+from enosfs.mount import http_client, lean_transport
 from enosfs.retry import RetryPolicy
 from tests.support import Emulator, demo_files, emulator
 
 
 @asynccontextmanager
 async def client_for(
-    emu: Emulator, secret: str | None = None, timeout: float = 10
+    emu: Emulator, secret: str | None = None, timeout: float = 10, lean: bool = True
 ) -> AsyncIterator[EnosClient]:
+    """A client as a mount makes it; lean=False keeps file bodies on httpx's transport."""
     settings = emu.settings()
     policy = RetryPolicy(timeout=timeout)
-    async with http_client(settings) as http:
+    transport = lean_transport(settings) if lean else None
+    async with http_client(settings, transport) as http:
         tokens = TokenSource(
             http,
             settings.gateway,
@@ -45,6 +47,7 @@ async def client_for(
                 gateway=settings.gateway,
                 integration=settings.integration,
                 policy=policy,
+                lean=transport,
             )
             nursery.cancel_scope.cancel()
 

@@ -7,7 +7,6 @@ empty file, a large binary, and firmware images signed with md5 and sha256.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -18,11 +17,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from enosfs.emulator.state import generated_chunks
+
 DEMO_ORG = "o16800000000001"
 DEMO_APP_KEY = "demo-app"
 DEMO_APP_SECRET = "demo-secret-not-for-production"
 LARGE_DEFAULT = 200 * 1024 * 1024
-DEMO_VERSION = "demo-2"
 
 
 def png(width: int, height: int) -> bytes:
@@ -115,14 +115,10 @@ def firmware_image(name: str, size: int) -> bytes:
 
 
 def write_generated(path: Path, size: int, seed: str) -> None:
-    """Deterministic pseudo-random bytes written in chunks, so memory stays small."""
-    rnd = random.Random(seed)
+    """The same bytes as a seed's {"bytes": size, "seed": seed}, written in chunks."""
     with open(path, "wb") as out:
-        left = size
-        while left > 0:
-            n = min(left, 8 * 1024 * 1024)
-            out.write(rnd.randbytes(n))
-            left -= n
+        for chunk in generated_chunks(size, seed):
+            out.write(chunk)
 
 
 def build_demo(src: Path, large_size: int = LARGE_DEFAULT) -> dict[str, Any]:
@@ -261,13 +257,3 @@ def build_demo(src: Path, large_size: int = LARGE_DEFAULT) -> dict[str, Any]:
             }
         ],
     }
-
-
-def demo_fingerprint(large_size: int) -> str:
-    """Changes whenever the demo's content could: its size, or the code that builds it."""
-    from enosfs.emulator import state
-
-    digest = hashlib.sha256()
-    for module in (__file__, state.__file__):
-        digest.update(Path(module).read_bytes())
-    return f"{DEMO_VERSION}:{large_size}:{digest.hexdigest()[:16]}"

@@ -7,6 +7,7 @@ is printed on one line (and written to --ready-file) only once requests can be s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import socket
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enosfs.emulator.app import Emulator, Switches
-from enosfs.emulator.demo import LARGE_DEFAULT, build_demo, demo_fingerprint
+from enosfs.emulator.demo import LARGE_DEFAULT, build_demo
 from enosfs.emulator.state import STATE_FILE, SeedError, State, build_state, load_seed, reset_dir
 
 
@@ -32,38 +33,60 @@ class EmulatorOptions:
     switches: Switches | None = None
 
 
-def prepare_state(seed: str | None, data_dir: Path, large_size: int) -> State:
-    """Load or build the state in data_dir; a demo already built there is reused."""
-    if seed == "demo":
-        fingerprint = demo_fingerprint(large_size)
-        if (data_dir / STATE_FILE).exists():
-            with suppress(ValueError, KeyError, OSError):
-                state = State.load(data_dir)
-                if state.fingerprint == fingerprint:
-                    return state
-        reset_dir(data_dir)
-        src = data_dir / "demo-src"
-        doc = build_demo(src, large_size)
-        state = build_state(doc, src, data_dir)
-        shutil.rmtree(src, ignore_errors=True)
-        state.fingerprint = fingerprint
-        state.save()
-        return state
-    if seed is not None:
-        doc, base = load_seed(Path(seed))
-        reset_dir(data_dir)
-        state = build_state(doc, base, data_dir)
-        state.save()
-        return state
+def _fingerprint(*parts: bytes) -> str:
+    """Changes whenever the state a seed builds could: its content or the code."""
+    from enosfs.emulator import demo, state
+
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    for module in (demo.__file__, state.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _reusable(data_dir: Path, fingerprint: str) -> State | None:
     if (data_dir / STATE_FILE).exists():
-        return State.load(data_dir)
-    raise SeedError(f"nothing to serve: give --seed, or a --data-dir holding {STATE_FILE}")
+        with suppress(ValueError, KeyError, OSError, TypeError):
+            state = State.load(data_dir)
+            if state.fingerprint == fingerprint:
+                return state
+    return None
+
+
+def prepare_state(seed: str | None, data_dir: Path, large_size: int) -> State:
+    """Load or build the state in data_dir; one already built from the same seed is reused."""
+    if seed is None:
+        if (data_dir / STATE_FILE).exists():
+            return State.load(data_dir)
+        raise SeedError(f"nothing to serve: give --seed, or a --data-dir holding {STATE_FILE}")
+    if seed == "demo":
+        fingerprint = _fingerprint(b"demo", str(large_size).encode())
+    else:
+        doc, base = load_seed(Path(seed))
+        fingerprint = _fingerprint(json.dumps(doc, sort_keys=True).encode(), str(base).encode())
+    state = _reusable(data_dir, fingerprint)
+    if state is not None:
+        return state
+    reset_dir(data_dir)
+    if seed == "demo":
+        src = data_dir / "demo-src"
+        state = build_state(build_demo(src, large_size), src, data_dir)
+        shutil.rmtree(src, ignore_errors=True)
+    else:
+        state = build_state(doc, base, data_dir)
+    state.fingerprint = fingerprint
+    state.save()
+    return state
 
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit this: without it a response's head and body, written
+    # separately, meet Nagle and the client's delayed ACK, 40 ms a request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(1024)
     sock.setblocking(False)

@@ -14,6 +14,7 @@ import random
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,18 @@ def _det_hex(*parts: str, n: int = 16) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:n]
 
 
-def generated_bytes(size: int, seed: str) -> bytes:
+def generated_chunks(size: int, seed: str, chunk: int = 8 * 1024 * 1024) -> Iterator[bytes]:
     """Deterministic pseudo-random bytes, different in every block, for large test files."""
-    return random.Random(seed).randbytes(size)
+    rnd = random.Random(seed)
+    left = size
+    while left > 0:
+        n = min(left, chunk)
+        yield rnd.randbytes(n)
+        left -= n
+
+
+def generated_bytes(size: int, seed: str) -> bytes:
+    return b"".join(generated_chunks(size, seed))
 
 
 def _file_source(
