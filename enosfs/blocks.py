@@ -2,10 +2,15 @@
 
 A block is downloaded once however many readers want it (single flight): the first
 miss starts a fetch task in the mount's nursery and later readers wait on the same
-flight. A fetch covers a run of consecutive missing blocks with one ranged request and
-hands each block out the moment its last byte lands. Fetch tasks do not belong to the
-reader that caused them, so a reader that gives up (Ctrl-C) does not cancel a download
-others are waiting for.
+flight. Fetch tasks do not belong to the reader that caused them, so a reader that gives
+up (Ctrl-C) does not cancel a download others are waiting for.
+
+Bytes go from the socket straight into the block's buffer, and a reader is served as
+soon as the bytes it asked for have landed, not when its whole block has. A read-ahead
+fetch covers a run of consecutive blocks with one ranged request. A small read in the
+middle of a block that nobody has asked for yet fetches from (just before) the read's
+offset to the block's end first, and the block's head with a second request, so a
+random 4 KiB read waits for one short transfer, not for half a block.
 
 Keys carry the file's version (size and digest), so bytes of two versions never mix. A
 body cut short is resumed from the byte it reached; a server that ignores Range is
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_RESUMES = 3
 MAX_FREE_BUFFERS = 64
+SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,59 @@ class CachedFile:
 
 @dataclass
 class Flight:
-    """One block on its way; readers wait on `done`."""
+    """One block on its way, filled by one or two fetches; it knows which byte ranges
+    of the block have landed, and wakes each reader once its own range has."""
 
+    size: int
     done: trio.Event = field(default_factory=trio.Event)
     data: bytearray | None = None
     error: BaseException | None = None
+    buffer: bytearray | None = None
+    spans: list[tuple[int, int]] = field(default_factory=list)  # landed, merged, sorted
+    fetchers: int = 0  # fetch tasks that will write into it
+    waiters: list[tuple[int, int, trio.Event]] = field(default_factory=list)
+
+    def covered(self, lo: int, hi: int) -> bool:
+        return any(a <= lo and hi <= b for a, b in self.spans)
+
+    @property
+    def complete(self) -> bool:
+        return self.covered(0, self.size)
+
+    def landed(self, lo: int, hi: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted([*self.spans, (lo, hi)]):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.spans = merged
+        if self.waiters:
+            still = []
+            for w in self.waiters:
+                if self.covered(w[0], w[1]):
+                    w[2].set()
+                else:
+                    still.append(w)
+            self.waiters = still
+
+    def finish(self) -> None:
+        self.done.set()
+        for _, _, event in self.waiters:
+            event.set()
+        self.waiters = []
+
+    async def wait_for(self, lo: int, hi: int) -> bytearray:
+        """The block's buffer once bytes [lo, hi) are in it (or an error)."""
+        if not self.done.is_set() and (self.buffer is None or not self.covered(lo, hi)):
+            event = trio.Event()
+            self.waiters.append((lo, hi, event))
+            await event.wait()
+        if self.error is not None:
+            raise self.error
+        buffer = self.data if self.data is not None else self.buffer
+        assert buffer is not None
+        return buffer
 
 
 class BlockCache:
@@ -71,7 +125,17 @@ class BlockCache:
         self.block_size = block_size
         self.max_request = max(block_size, max_request)
         self.whole_file_limit = whole_file_limit
-        self.lru: LRUCache[tuple[object, ...], bytearray] = LRUCache(maxsize=budget, getsizeof=len)
+        # One budget for all block memory: blocks on their way from read-ahead, spare
+        # buffers, and the LRU get the rest. Reads a reader waits for are never held
+        # back, so the budget can be overrun only by what readers are blocked on.
+        self.budget = budget
+        self.prefetch_cap = max(4 * block_size, budget // 4)
+        self.free_cap = min(MAX_FREE_BUFFERS, max(1, budget // 8 // block_size))
+        lru_size = max(block_size, budget - self.prefetch_cap - self.free_cap * block_size)
+        self.lru: LRUCache[tuple[object, ...], bytearray] = LRUCache(
+            maxsize=lru_size, getsizeof=len
+        )
+        self.inflight = 0  # bytes of blocks claimed and not yet delivered or failed
         self.flights: dict[tuple[object, ...], Flight] = {}
         self.stats: Counter[str] = Counter()
         self._free: list[bytearray] = []
@@ -98,18 +162,46 @@ class BlockCache:
         if f.size <= self.whole_file_limit:
             self._ensure(f, 0, (f.size - 1) // bs)
         else:
-            self._ensure(f, first, last)
+            self._ensure(f, first, last, hint=offset)
         parts: list[memoryview] = []
         for index in range(first, last + 1):
-            block = await self._block(f, index)
             lo = offset - index * bs if index == first else 0
-            hi = end - index * bs if index == last else bs
-            if hi > len(block):
-                raise ProtocolError(f"download {f.ref.uri}: block {index} is short")
+            hi = end - index * bs if index == last else min(bs, f.size - index * bs)
+            block = await self._block(f, index, lo, hi)
             parts.append(memoryview(block)[lo:hi])
             if consume and hi == len(block):
                 self._release(f, index)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
+        """Start fetching bytes [start, stop) in the background; nobody waits for them.
+
+        Only as much as the read-ahead share of the memory budget allows: with many
+        files open at once, each gets less read-ahead, and memory stays bounded.
+        """
+        if stop <= start or start >= f.size:
+            return
+        bs = self.block_size
+        first, last = start // bs, (min(stop, f.size) - 1) // bs
+        room = self.prefetch_cap - self.inflight
+        index = first
+        while index <= last:
+            if self._missing(f, index):
+                room -= self._size_of(f, index)
+                if room < 0:
+                    break
+            index += 1
+        if index > first:
+            self._ensure(f, first, index - 1)
+        if index <= last:
+            self.stats["readahead_clipped"] += 1
+
+    def drop(self, f: CachedFile) -> None:
+        """Forget every cached block of this version of f."""
+        for k in [k for k in self.lru if k[:2] == f.key]:
+            del self.lru[k]
+
+    # -- buffers -------------------------------------------------------------------------
 
     def _release(self, f: CachedFile, index: int) -> None:
         block = self.lru.pop(self._key(f, index), None)
@@ -128,7 +220,7 @@ class BlockCache:
             return
         for block in self._released:
             # References: the list, the loop variable, getrefcount's argument.
-            if sys.getrefcount(block) <= 3 and len(self._free) < MAX_FREE_BUFFERS:
+            if sys.getrefcount(block) <= 3 and len(self._free) < self.free_cap:
                 self._free.append(block)
         self._released.clear()
 
@@ -138,23 +230,16 @@ class BlockCache:
             return self._free.pop()
         return bytearray(size)
 
-    def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
-        """Start fetching bytes [start, stop) in the background; nobody waits for them."""
-        if stop <= start or start >= f.size:
-            return
-        self._ensure(f, start // self.block_size, (min(stop, f.size) - 1) // self.block_size)
-
-    def drop(self, f: CachedFile) -> None:
-        """Forget every cached block of this version of f."""
-        for k in [k for k in self.lru if k[:2] == f.key]:
-            del self.lru[k]
-
-    # -- internals -----------------------------------------------------------------------
+    # -- flights -------------------------------------------------------------------------
 
     def _key(self, f: CachedFile, index: int) -> tuple[object, ...]:
         return (*f.key, index)
 
-    async def _block(self, f: CachedFile, index: int) -> bytearray:
+    def _size_of(self, f: CachedFile, index: int) -> int:
+        return min(self.block_size, f.size - index * self.block_size)
+
+    async def _block(self, f: CachedFile, index: int, lo: int, hi: int) -> bytearray:
+        """Block `index` of f with at least its bytes [lo, hi) present."""
         key = self._key(f, index)
         data = self.lru.get(key)
         if data is not None:
@@ -166,19 +251,31 @@ class BlockCache:
             self._ensure(f, index, index)
             flight = self.flights[key]
         self.stats["waits"] += 1
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.data is not None
-        return flight.data
+        return await flight.wait_for(lo, hi)
 
     def _missing(self, f: CachedFile, index: int) -> bool:
         key = self._key(f, index)
         return key not in self.flights and key not in self.lru
 
-    def _ensure(self, f: CachedFile, first: int, last: int) -> None:
-        """Start fetches for the blocks in [first, last] that nobody has or is getting."""
-        blocks_per_request = max(1, self.max_request // self.block_size)
+    def _claim(self, f: CachedFile, index: int) -> Flight:
+        flight = Flight(self._size_of(f, index))
+        self.flights[self._key(f, index)] = flight
+        self.inflight += flight.size
+        return flight
+
+    def _landed_or_lost(self, f: CachedFile, index: int, flight: Flight) -> None:
+        if self.flights.get(self._key(f, index)) is flight:
+            del self.flights[self._key(f, index)]
+        self.inflight -= flight.size
+
+    def _ensure(self, f: CachedFile, first: int, last: int, hint: int | None = None) -> None:
+        """Start fetches for the blocks in [first, last] that nobody has or is getting.
+
+        hint is the offset of a read waiting for the first of them: when it lies deep in
+        a block, that block is fetched from the hint on first (see the module's doc).
+        """
+        bs = self.block_size
+        blocks_per_request = max(1, self.max_request // bs)
         index = first
         while index <= last:
             if not self._missing(f, index):
@@ -190,41 +287,51 @@ class BlockCache:
             ):
                 index += 1
             owned = {i: self._claim(f, i) for i in range(run_start, index)}
-            self.nursery.start_soon(self._fetch, f, run_start, index - 1, owned)
+            start, end = run_start * bs, min(f.size, index * bs)
+            split = None
+            if hint is not None and run_start == first:
+                split = (hint - start) // SPLIT_ALIGN * SPLIT_ALIGN + start
+            if split is not None and split > start:
+                self.stats["split_fetches"] += 1
+                self._spawn(f, split, end, owned)
+                self._spawn(f, start, split, {run_start: owned[run_start]})
+            else:
+                self._spawn(f, start, end, owned)
 
-    def _claim(self, f: CachedFile, index: int) -> Flight:
-        flight = Flight()
-        self.flights[self._key(f, index)] = flight
-        return flight
+    def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
+        for flight in owned.values():
+            flight.fetchers += 1
+        self.nursery.start_soon(self._fetch, f, start, end, owned)
 
-    def _deliver(
-        self, f: CachedFile, index: int, data: bytearray, owned: dict[int, Flight]
-    ) -> None:
-        flight = owned.pop(index)
-        self.lru[self._key(f, index)] = data
-        flight.data = data
-        self.flights.pop(self._key(f, index), None)
-        flight.done.set()
+    def _deliver(self, f: CachedFile, index: int, flight: Flight) -> None:
+        assert flight.buffer is not None
+        self.lru[self._key(f, index)] = flight.buffer
+        flight.data, flight.buffer = flight.buffer, None
+        self._landed_or_lost(f, index, flight)
+        flight.finish()
 
     def _fail(self, f: CachedFile, owned: dict[int, Flight], error: BaseException) -> None:
         for index, flight in owned.items():
-            self.flights.pop(self._key(f, index), None)
+            if flight.done.is_set():
+                continue
+            self._landed_or_lost(f, index, flight)
             flight.error = error
-            flight.done.set()
+            flight.buffer = None
+            flight.finish()
         owned.clear()
 
-    async def _fetch(self, f: CachedFile, first: int, last: int, owned: dict[int, Flight]) -> None:
-        """Download blocks first..last, resuming a cut body from the byte it reached.
+    # -- fetching ------------------------------------------------------------------------
 
-        Bytes go from the socket straight into each block's own buffer; a block is
-        handed to its readers the moment its last byte lands.
-        """
+    async def _fetch(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
+        """Download bytes [start, end) into the blocks they belong to, resuming a cut
+        body from the byte it reached. Blocks this task does not own (another fetch
+        fills them, or they are cached) are read past."""
         bs = self.block_size
-        pos = first * bs
-        end = min(f.size, (last + 1) * bs)  # exclusive; a block boundary or EOF
-        block: bytearray | None = None  # the block holding pos, while partly filled
+        pos = start
+        block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
         self.stats["fetches"] += 1
+        task_flights = list(owned.values())  # counted as fetchers by _spawn
         try:
             while pos < end:
                 try:
@@ -235,22 +342,39 @@ class BlockCache:
                                 f"expected {f.size}: the file changed"
                             )
                         if not body.ranged:
-                            pos, end = self._adopt_whole_body(f, pos, block is not None, owned)
+                            before = set(owned)
+                            pos, end = self._adopt_whole_body(f, pos, end, block, owned)
+                            for index in set(owned) - before:
+                                owned[index].fetchers += 1
+                                task_flights.append(owned[index])
                         if await _skip(body, pos - body.start):
                             while pos < end:
                                 index = pos // bs
-                                start = index * bs
-                                size = min(bs, f.size - start)
+                                bstart = index * bs
+                                flight = owned.get(index)
+                                if flight is not None and flight.done.is_set():
+                                    flight = None  # the other fetch finished it
                                 if block is None:
-                                    block = self._buffer(size)
-                                n = await body.readinto(memoryview(block)[pos - start : size])
+                                    if flight is None:
+                                        block = bytearray(self._size_of(f, index))
+                                    else:
+                                        if flight.buffer is None:
+                                            flight.buffer = self._buffer(flight.size)
+                                        block = flight.buffer
+                                stop = min(bstart + len(block), end)
+                                n = await body.readinto(
+                                    memoryview(block)[pos - bstart : stop - bstart]
+                                )
                                 if n == 0:
                                     break
-                                pos += n
                                 self.stats["bytes"] += n
-                                if pos == start + size:
-                                    if index in owned:
-                                        self._deliver(f, index, block, owned)
+                                if flight is not None:
+                                    flight.landed(pos - bstart, pos - bstart + n)
+                                pos += n
+                                if flight is not None and flight.complete:
+                                    owned.pop(index, None)
+                                    self._deliver(f, index, flight)
+                                if pos == stop:
                                     block = None
                 except httpx.TransportError as exc:
                     log.debug("download of %s interrupted: %r", f.ref.uri, exc)
@@ -263,6 +387,11 @@ class BlockCache:
                             f"{MAX_RESUMES + 1} times"
                         )
                     log.info("download of %s cut at byte %d; resuming", f.ref.uri, pos)
+            # Done with this range. A block still open here is shared with the other
+            # half of a split fetch, which completes it, unless that one is gone too.
+            for index, flight in list(owned.items()):
+                if flight.fetchers > 1 or flight.done.is_set():
+                    del owned[index]
         except EnosfsError as exc:
             self._fail(f, owned, exc)
         except Exception as exc:
@@ -270,10 +399,14 @@ class BlockCache:
             log.exception("unexpected error downloading %s", f.ref.uri)
             self._fail(f, owned, TransportError(f"download {f.ref.uri}: {type(exc).__name__}"))
         finally:
+            # Failed or cancelled, or a block no other fetch will finish: nobody may wait
+            # for these any more.
             self._fail(f, owned, TransportError(f"download {f.ref.uri}: incomplete"))
+            for flight in task_flights:
+                flight.fetchers -= 1
 
     def _adopt_whole_body(
-        self, f: CachedFile, pos: int, partial: bool, owned: dict[int, Flight]
+        self, f: CachedFile, pos: int, end: int, block: bytearray | None, owned: dict[int, Flight]
     ) -> tuple[int, int]:
         """The server ignored Range and sends the whole file: take every block it brings.
 
@@ -282,15 +415,13 @@ class BlockCache:
         (pos, end) to read between.
         """
         bs = self.block_size
-        lowest = pos // bs if partial else 0
+        lowest = pos // bs if block is not None else 0
         for i in range(lowest, (f.size - 1) // bs + 1):
             if i not in owned and self._missing(f, i):
                 owned[i] = self._claim(f, i)
-        if not owned:
-            return pos, pos
-        if not partial:
-            pos = min(owned) * bs
-        return pos, min(f.size, (max(owned) + 1) * bs)
+        if block is None:
+            pos = min([pos, *(i * bs for i in owned)])
+        return pos, max([end, *(min(f.size, (i + 1) * bs) for i in owned)])
 
 
 async def _skip(body: Body, count: int) -> bool:

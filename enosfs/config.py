@@ -10,7 +10,7 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -125,6 +125,7 @@ class Settings:
     attr_timeout: float = 10.0
     allow_other: bool = False
     kernel_read_ahead: int = 2 * 1024**2  # 0: leave the kernel's default
+    direct_io: bool = False
     # [network]
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -324,7 +325,7 @@ def settings_from_dict(
     kernel = _table(
         top.get("kernel", {}),
         "kernel",
-        {"entry_timeout", "attr_timeout", "allow_other", "read_ahead"},
+        {"entry_timeout", "attr_timeout", "allow_other", "read_ahead", "direct_io"},
     )
     if "read_ahead" in kernel:
         kw["kernel_read_ahead"] = parse_size(kernel["read_ahead"], "kernel.read_ahead")
@@ -333,6 +334,8 @@ def settings_from_dict(
             kw[key] = parse_seconds(kernel[key], f"kernel.{key}")
     if "allow_other" in kernel:
         kw["allow_other"] = _bool(kernel["allow_other"], "kernel.allow_other")
+    if "direct_io" in kernel:
+        kw["direct_io"] = _bool(kernel["direct_io"], "kernel.direct_io")
 
     network = _table(
         top.get("network", {}),
@@ -369,6 +372,11 @@ def settings_from_dict(
     )
     if settings.cache_memory < 4 * settings.block_size:
         raise ConfigError("cache.memory must hold at least four blocks")
-    if settings.read_ahead > settings.cache_memory // 2:
+    if "read_ahead" not in cache:
+        # The default follows the budget, so a small cache.memory alone is valid.
+        settings = replace(
+            settings, read_ahead=min(settings.read_ahead, settings.cache_memory // 4)
+        )
+    elif settings.read_ahead > settings.cache_memory // 2:
         raise ConfigError("cache.read_ahead must be at most half of cache.memory")
     return settings

@@ -25,13 +25,14 @@ from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
 from enosfs.errors import EnosfsError, errno_of
 from enosfs.namespace import Dir, File, Namespace, Node
-from enosfs.readahead import ReadAhead
+from enosfs.readahead import FolderReadAhead, ReadAhead
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
 XATTR_PREFIX = "user.enos."
+XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
 def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
@@ -70,7 +71,10 @@ class Handle:
 
 class EnosFS(pyfuse3.Operations):
     enable_writeback_cache = False
-    enable_acl = False
+    # With POSIX ACLs on, the kernel caches each inode's (absent) ACL instead of asking
+    # us for system.posix_acl_access on every `ls -l` of every file. default_permissions
+    # still checks mode bits, and no file here has an ACL.
+    enable_acl = True
 
     def __init__(self, ns: Namespace, cache: BlockCache, settings: Settings) -> None:
         super().__init__()
@@ -85,6 +89,7 @@ class EnosFS(pyfuse3.Operations):
         # The version whose pages the kernel may hold, per inode (keep_cache decisions).
         self.kernel_versions: dict[int, object] = {}
         self.stats: Counter[str] = Counter()
+        self.folder_patterns: dict[int, FolderReadAhead] = {}
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -210,10 +215,32 @@ class EnosFS(pyfuse3.Operations):
             tolerance=max(1024**2, 2 * self.settings.kernel_read_ahead),
         )
         self.handles[fh] = Handle(node, cached, readahead)
+        self._folder_read_ahead(node)
         # The kernel may keep its pages only if they are of this same version.
         keep = self.kernel_versions.get(inode, meta.version) == meta.version
         self.kernel_versions[inode] = meta.version
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(  # type: ignore[call-arg]
+            fh=fh, keep_cache=keep, direct_io=self.settings.direct_io
+        )
+
+    def _folder_read_ahead(self, f: File) -> None:
+        """Prefetch the next small files of a folder being read file after file."""
+        index, files = self.ns.siblings(f)
+        if index < 0 or f.parent is None:
+            return
+        pattern = self.folder_patterns.setdefault(f.parent.inode, FolderReadAhead())
+        span = pattern.on_open(index, len(files))
+        if span is None:
+            return
+        budget = self.settings.read_ahead
+        for sibling in files[span[0] : span[1]]:
+            meta = sibling.meta
+            if meta is None or meta.size is None or meta.size > self.cache.whole_file_limit:
+                continue
+            if meta.size > budget:
+                break
+            budget -= meta.size
+            self.cache.prefetch(CachedFile(sibling.ref, meta.size, meta.version), 0, meta.size)
 
     @guarded("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -222,11 +249,15 @@ class EnosFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         self.stats["reads"] += 1
         self.stats["read_bytes"] += size
+        with trio.fail_after(self.settings.timeout + 1):
+            # Blocks a sequential reader is done with can go, their bytes now in the
+            # kernel's page cache; with direct_io there is no such copy: keep them.
+            consume = h.readahead.sequential and not self.settings.direct_io
+            data = await self.cache.read(h.cached, off, size, consume=consume)
         ahead = h.readahead.on_read(off, size, h.cached.size)
         if ahead is not None:
             self.cache.prefetch(h.cached, *ahead)
-        with trio.fail_after(self.settings.timeout + 1):
-            return await self.cache.read(h.cached, off, size, consume=h.readahead.sequential)
+        return data
 
     async def release(self, fh: int) -> None:
         self.handles.pop(fh, None)
@@ -276,8 +307,14 @@ class EnosFS(pyfuse3.Operations):
                 out["created"] = str(m.create_time_ms)
         return {XATTR_PREFIX + k: str(v) for k, v in out.items()}
 
-    @guarded("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # `ls -l` asks every file for security.selinux: answer that kind fast.
+        if not name.startswith(XATTR_PREFIX_B):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._getxattr(inode, name)
+
+    @guarded("getxattr")
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         value = self._xattrs(self._node(inode)).get(name.decode("utf-8", "replace"))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -60,6 +60,10 @@ class Dir(Node):
     missing: dict[str, float] = field(default_factory=dict)
     loaded_at: float = float("-inf")
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # The files in listing order, for read-ahead across files (see Namespace.siblings).
+    order: list[File] = field(default_factory=list)
+    position: dict[int, int] = field(default_factory=dict)
+    order_of: dict[str, Node] | None = None
 
 
 @dataclass(eq=False)
@@ -452,6 +456,17 @@ class Namespace:
             raise
         self._set_meta(f, meta)
         return meta
+
+    def siblings(self, f: File) -> tuple[int, list[File]]:
+        """f's position among the files of its folder, in listing order."""
+        d = f.parent
+        if d is None or d.children is None:
+            return -1, []
+        if d.order_of is not d.children:
+            d.order = [n for _, n in sorted(d.children.items()) if isinstance(n, File)]
+            d.position = {n.inode: i for i, n in enumerate(d.order)}
+            d.order_of = d.children
+        return d.position.get(f.inode, -1), d.order
 
     def all_files(self) -> Iterable[File]:
         return (n for n in self.nodes.values() if isinstance(n, File))

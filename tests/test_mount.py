@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -283,3 +284,30 @@ def test_bad_input_is_one_line_and_nothing_mounted(
         assert "Traceback" not in out.stderr and secret not in out.stderr
         assert not is_mounted(mnt)
     assert time.monotonic() - started < 40
+
+
+def test_memory_budget_holds_with_50_open_files(emu: Emulator, work: Path) -> None:
+    """50 handles reading at once, with a 64 MiB budget: the mount's peak RSS stays
+    within the budget plus 80 MiB (the interpreter and its libraries)."""
+    want = emu.blob(demo_files(emu)[BIG])
+    with mounted(work, emu, '[cache]\nmemory = "64MiB"\n') as m:
+        errors: list[str] = []
+
+        def reader(i: int) -> None:
+            start = i * 4 * 1024 * 1024
+            with open(m.org / BIG, "rb", buffering=0) as f:
+                f.seek(start)
+                got = f.read(4 * 1024 * 1024)
+            if got != want[start : start + len(got)] or len(got) != 4 * 1024 * 1024:
+                errors.append(f"reader {i}: wrong bytes")
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+        status = Path(f"/proc/{m.proc.pid}/status").read_text()
+        peak_kib = int(next(line.split()[1] for line in status.splitlines()
+                            if line.startswith("VmHWM:")))
+        assert peak_kib * 1024 <= (64 + 80) * 1024 * 1024, f"peak RSS {peak_kib} KiB"

@@ -132,6 +132,7 @@ def test_config_full(tmp_path: Path) -> None:
     ) + (
         '[[file]]\norg = "o1"\nasset = "a1"\ncategory = "ota"\nuri = "enos-connect://x.bin"\n'
         '[cache]\nmemory = "64MiB"\nblock_size = "256KiB"\nmetadata_ttl = "2m"\n'
+        'read_ahead = "16MiB"\n'
         '[kernel]\nentry_timeout = 1.5\nattr_timeout = "500ms"\n'
         '[network]\ntimeout = "45s"\nmax_connections = 8\n'
     )
@@ -285,13 +286,16 @@ def test_file_features_from_maps_or_lists() -> None:
 def test_readahead_grows_while_sequential_and_stops_on_jump() -> None:
     ra = ReadAhead(initial=1 * MiB, maximum=8 * MiB)
     size = 1024 * MiB
-    step = 128 * 1024
-    assert ra.on_read(0, step, size) is None  # one read is not a pattern yet
-    first = ra.on_read(step, step, size)
-    assert first == (2 * step, 2 * step + 1 * MiB)
+    step = 64 * 1024
+    assert ra.on_read(0, step, size) is None  # small reads: not a pattern yet
+    assert ra.on_read(step, step, size) is None
+    assert not ra.sequential
+    first = ra.on_read(2 * step, step, size)
+    assert first == (3 * step, 3 * step + 1 * MiB)
+    assert ra.sequential
     windows = []
-    off = 2 * step
-    for _ in range(400):
+    off = 3 * step
+    for _ in range(800):
         got = ra.on_read(off, step, size)
         if got:
             windows.append(got[1] - got[0])
@@ -299,8 +303,28 @@ def test_readahead_grows_while_sequential_and_stops_on_jump() -> None:
         off += step
     assert ra.window == 8 * MiB
     assert max(windows) <= 8 * MiB
-    assert ra.on_read(500 * MiB, step, size) is None
-    assert ra.window == 0
+    assert ra.on_read(500 * MiB, 4096, size) is None
+    assert ra.window == 0 and not ra.sequential
+
+
+def test_readahead_starts_at_once_for_large_reads() -> None:
+    """A 128 KiB kernel read means the application asked for more: fetch ahead now,
+    even after a jump (random 1 MiB reads arrive as runs of 128 KiB reads)."""
+    ra = ReadAhead(initial=1 * MiB)
+    size = 1024 * MiB
+    assert ra.on_read(300 * MiB + 5, 128 * 1024, size) == (
+        300 * MiB + 5 + 128 * 1024, 300 * MiB + 5 + 128 * 1024 + 1 * MiB)
+    assert ra.on_read(10 * MiB, 128 * 1024, size) is not None
+
+
+def test_readahead_tolerates_the_kernels_out_of_order_reads() -> None:
+    ra = ReadAhead(initial=1 * MiB, tolerance=4 * MiB)
+    size = 1024 * MiB
+    for off in (0, 64 * 1024, 128 * 1024):
+        ra.on_read(off, 64 * 1024, size)
+    for off in (3 * MiB, 1 * MiB, 2 * MiB, 5 * MiB, 4 * MiB):
+        ra.on_read(off, 1 * MiB, size)
+        assert ra.sequential
 
 
 def test_readahead_never_for_random_reads() -> None:
@@ -315,9 +339,11 @@ def test_readahead_never_for_random_reads() -> None:
 def test_readahead_stops_at_end_of_file() -> None:
     ra = ReadAhead(initial=1 * MiB)
     size = 1 * MiB
-    ra.on_read(0, 128 * 1024, size)
-    got = ra.on_read(128 * 1024, 128 * 1024, size)
+    ra.on_read(0, 64 * 1024, size)
+    ra.on_read(64 * 1024, 64 * 1024, size)
+    got = ra.on_read(128 * 1024, 64 * 1024, size)
     assert got is not None and got[1] == size
+    assert ra.on_read(size - 100, 100, size) is None
 
 
 # -- emulator pieces ---------------------------------------------------------------------
