@@ -309,6 +309,7 @@ class Body:
     length: int | None
     total: int | None
     ranged: bool
+    etag: str | None = None
     _prefix: bytes = b""
     _response: httpx.Response | None = None
     _chunks: AsyncIterator[bytes] | None = None
@@ -371,7 +372,8 @@ class EnosClient:
         self.gateway = gateway.rstrip("/")
         self.integration = integration.rstrip("/")
         self.policy = policy or RetryPolicy()
-        self.file_info_supported = True
+        self.file_info_supported: bool | None = None  # learnt from the first call
+        self._learning = trio.Lock()
         self.requests: Counter[str] = Counter()
         self.retries = 0
 
@@ -555,25 +557,38 @@ class EnosClient:
     # -- files ---------------------------------------------------------------------------
 
     async def file_meta(self, ref: FileRef) -> FileMeta:
-        """Size and digest of a file, by getFileInfo or, on older servers, a Range probe."""
+        """Size and digest of a file, by getFileInfo or, on older servers, a Range probe.
+
+        Whether the server has getFileInfo is learnt once, by the first call, while the
+        others wait: a listing of many files must not ask an old server many times.
+        """
+        if self.file_info_supported is None:
+            async with self._learning:
+                if self.file_info_supported is None:
+                    return await self._file_info(ref, learning=True)
         if self.file_info_supported:
-            try:
-                doc = await self.call(
-                    "files.getFileInfo",
-                    "GET",
-                    f"{self.integration}/connect-service/v2.1/files",
-                    {"action": "getFileInfo", **ref.params()},
-                    what=f"file info {uri_id(ref.uri)}",
-                )
-                return parse_file_meta(ref.uri, doc.get("data"))
-            except (InvalidArgument, ApiError) as exc:
-                if not _maybe_unsupported(exc):
-                    raise
-                meta = await self.probe(ref)
-                log.info("server has no getFileInfo (%s); sizing files by Range probes", exc)
-                self.file_info_supported = False
-                return meta
+            return await self._file_info(ref, learning=False)
         return await self.probe(ref)
+
+    async def _file_info(self, ref: FileRef, *, learning: bool) -> FileMeta:
+        try:
+            doc = await self.call(
+                "files.getFileInfo",
+                "GET",
+                f"{self.integration}/connect-service/v2.1/files",
+                {"action": "getFileInfo", **ref.params()},
+                what=f"file info {uri_id(ref.uri)}",
+            )
+        except ApiError as exc:
+            if not (learning and _maybe_unsupported(exc)):
+                raise
+            meta = await self.probe(ref)
+            log.info("server has no getFileInfo (%s); sizing files by Range probes", exc)
+            self.file_info_supported = False
+            return meta
+        meta = parse_file_meta(ref.uri, doc.get("data"))
+        self.file_info_supported = True
+        return meta
 
     async def probe(self, ref: FileRef) -> FileMeta:
         """The size of a file from the headers of a one-byte ranged download."""
@@ -688,7 +703,7 @@ async def _classify_download(resp: httpx.Response, start: int, what: str) -> Bod
         await _read_some(resp.aiter_raw(), _PEEK)
         if total is None or start < total:
             raise ProtocolError(f"{what}: HTTP 416 for a range that should exist")
-        return Body(start=start, length=0, total=total, ranged=True)
+        return Body(start=start, length=0, total=total, ranged=True, etag=resp.headers.get("etag"))
     if status not in (200, 206):
         body, _ = await _read_some(resp.aiter_raw(), _PEEK)
         check_envelope(status, body, what, require_envelope=False)
@@ -715,6 +730,7 @@ async def _classify_download(resp: httpx.Response, start: int, what: str) -> Bod
             length=last - first + 1,
             total=total,
             ranged=True,
+            etag=resp.headers.get("etag"),
             _prefix=prefix,
             _response=resp,
             _chunks=chunks,
@@ -724,6 +740,7 @@ async def _classify_download(resp: httpx.Response, start: int, what: str) -> Bod
         length=length,
         total=length,
         ranged=False,
+        etag=resp.headers.get("etag"),
         _prefix=prefix,
         _response=resp,
         _chunks=chunks,

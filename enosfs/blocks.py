@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import httpx
@@ -30,12 +30,16 @@ import trio
 from cachetools import LRUCache
 
 from enosfs.api import Body, EnosClient, FileRef
-from enosfs.errors import EnosfsError, ProtocolError, TransportError
+from enosfs.errors import EnosfsError, FileChanged, TransportError
 
 log = logging.getLogger(__name__)
 
 MAX_RESUMES = 3
 MAX_FREE_BUFFERS = 64
+# A block whose fetch just failed fails again at once for this long, rather than
+# costing each retry (the kernel's included) a whole deadline: a down backend gives
+# readers a prompt error, not a storm of slow ones.
+FAILURE_MEMORY = 1.0
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
 
 
@@ -136,6 +140,10 @@ class BlockCache:
             maxsize=lru_size, getsizeof=len
         )
         self.inflight = 0  # bytes of blocks claimed and not yet delivered or failed
+        self.etags: dict[tuple[str, Hashable], str] = {}
+        self.failures: dict[tuple[object, ...], tuple[float, BaseException]] = {}
+        # Told when a download shows a file changed under us (the namespace re-checks).
+        self.on_changed: Callable[[str], None] | None = None
         self.flights: dict[tuple[object, ...], Flight] = {}
         self.stats: Counter[str] = Counter()
         self._free: list[bytearray] = []
@@ -159,6 +167,8 @@ class BlockCache:
         end = min(offset + size, f.size)
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        if self.failures:
+            self._fail_fast(f, first, last)
         if f.size <= self.whole_file_limit:
             self._ensure(f, 0, (f.size - 1) // bs)
         else:
@@ -172,6 +182,16 @@ class BlockCache:
             if consume and hi == len(block):
                 self._release(f, index)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fail_fast(self, f: CachedFile, first: int, last: int) -> None:
+        now = trio.current_time()
+        for index in range(first, last + 1):
+            failed = self.failures.get(self._key(f, index))
+            if failed is not None:
+                if now - failed[0] < FAILURE_MEMORY:
+                    self.stats["failed_fast"] += 1
+                    raise failed[1]
+                del self.failures[self._key(f, index)]
 
     def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
         """Start fetching bytes [start, stop) in the background; nobody waits for them.
@@ -315,6 +335,9 @@ class BlockCache:
             if flight.done.is_set():
                 continue
             self._landed_or_lost(f, index, flight)
+            if len(self.failures) > 10_000:
+                self.failures.clear()
+            self.failures[self._key(f, index)] = (trio.current_time(), error)
             flight.error = error
             flight.buffer = None
             flight.finish()
@@ -330,17 +353,14 @@ class BlockCache:
         pos = start
         block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
+        reached = pos
         self.stats["fetches"] += 1
         task_flights = list(owned.values())  # counted as fetchers by _spawn
         try:
             while pos < end:
                 try:
                     async with self.client.open_download(f.ref, pos, end - 1) as body:
-                        if body.total is not None and body.total != f.size:
-                            raise ProtocolError(
-                                f"download {f.ref.uri}: server has {body.total} bytes, "
-                                f"expected {f.size}: the file changed"
-                            )
+                        self._check_version(f, body)
                         if not body.ranged:
                             before = set(owned)
                             pos, end = self._adopt_whole_body(f, pos, end, block, owned)
@@ -379,14 +399,17 @@ class BlockCache:
                 except httpx.TransportError as exc:
                     log.debug("download of %s interrupted: %r", f.ref.uri, exc)
                 if pos < end:
-                    resumes += 1
+                    # Resume as long as each body brings something; give up after
+                    # MAX_RESUMES bodies in a row that brought nothing.
+                    resumes = 0 if pos > reached else resumes + 1
+                    reached = pos
                     self.stats["resumes"] += 1
                     if resumes > MAX_RESUMES:
                         raise TransportError(
                             f"download {f.ref.uri}: body ended early at byte {pos} of {end}, "
-                            f"{MAX_RESUMES + 1} times"
+                            f"{MAX_RESUMES + 1} times without progress"
                         )
-                    log.info("download of %s cut at byte %d; resuming", f.ref.uri, pos)
+                    log.debug("download of %s cut at byte %d; resuming", f.ref.uri, pos)
             # Done with this range. A block still open here is shared with the other
             # half of a split fetch, which completes it, unless that one is gone too.
             for index, flight in list(owned.items()):
@@ -404,6 +427,24 @@ class BlockCache:
             self._fail(f, owned, TransportError(f"download {f.ref.uri}: incomplete"))
             for flight in task_flights:
                 flight.fetchers -= 1
+
+    def _check_version(self, f: CachedFile, body: Body) -> None:
+        """Refuse bytes of another version than f's: a different size, or a different
+        ETag from the one this version was first served with."""
+        changed = None
+        if body.total is not None and body.total != f.size:
+            changed = f"the server has {body.total} bytes, this version {f.size}"
+        elif body.etag:
+            known = self.etags.setdefault(f.key, body.etag)
+            if known != body.etag:
+                changed = f"its ETag went from {known} to {body.etag}"
+            if len(self.etags) > 100_000:
+                self.etags.clear()
+        if changed is not None:
+            self.stats["changed"] += 1
+            if self.on_changed is not None:
+                self.on_changed(f.ref.uri)
+            raise FileChanged(f"download {f.ref.uri}: the file changed ({changed})")
 
     def _adopt_whole_body(
         self, f: CachedFile, pos: int, end: int, block: bytearray | None, owned: dict[int, Flight]

@@ -199,13 +199,23 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             f"the emulator needs its extra dependencies ({exc.name}): "
             "pip install 'enosfs[emulator]'"
         ) from None
+    from enosfs.emulator.faults import Fault, FaultError, Faults
+
     switches = Switches(
         token_lifetime=args.token_lifetime,
         honour_range=not args.no_range,
         file_info=not args.no_file_info,
+        token_rejection=args.token_rejection,
     )
     if args.token_lifetime <= 0:
         raise ConfigError("--token-lifetime must be above zero")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    faults = Faults(args.fault_seed)
+    try:
+        faults.replace([Fault.from_spec(spec) for spec in args.fault])
+    except FaultError as exc:
+        raise ConfigError(f"--fault: {exc}") from None
     return serve(
         EmulatorOptions(
             host=args.host,
@@ -215,6 +225,9 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             demo_large_size=parse_size(args.demo_large_size, "--demo-large-size"),
             ready_file=args.ready_file,
             switches=switches,
+            faults=faults,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     )
 
@@ -377,6 +390,23 @@ def parser() -> argparse.ArgumentParser:
         help="answer getFileInfo as an older EnOS does (unsupported)",
     )
     e.add_argument("--demo-large-size", default="200MiB", help="size of the demo's large file")
+    e.add_argument(
+        "--token-rejection",
+        default="gateway",
+        choices=["gateway", "envelope", "apim"],
+        help="how a bad token is answered: HTTP 401, code 1203, or apim_status 4011",
+    )
+    e.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND:KEY=VALUE,...",
+        help="inject a fault, e.g. error:status=503,share=0.1,match=files.* "
+        "(kinds: latency error envelope deny reset short stall bandwidth)",
+    )
+    e.add_argument("--fault-seed", type=int, default=0, help="seed for the faults' dice")
+    e.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    e.add_argument("--tls-key", help="the certificate's private key (PEM)")
     e.add_argument("--ready-file", help='write {"url": ...} here once serving')
     e.set_defaults(func=cmd_emulator)
 

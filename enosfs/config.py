@@ -131,6 +131,7 @@ class Settings:
     connect_timeout: float = 10.0
     ca_bundle: str | None = None
     max_connections: int = 32
+    retries: int = 7
     token_refresh_margin: float = 600.0
     source: str = field(default="", compare=False)
 
@@ -266,9 +267,12 @@ def settings_from_dict(
         assets = o.get("assets", [])
         if not isinstance(assets, list) or not all(isinstance(a, str) and a for a in assets):
             raise ConfigError(f"{where}.assets must be a list of asset ids")
+        org_id = _str(o["id"], f"{where}.id")
+        if "/" in org_id or "\x00" in org_id or org_id in (".", ".."):
+            raise ConfigError(f"{where}.id {org_id!r} is not an organisation id")
         orgs.append(
             OrgSettings(
-                org_id=_str(o["id"], f"{where}.id"),
+                org_id=org_id,
                 assets=tuple(assets),
                 discover=_bool(o.get("discover", True), f"{where}.discover"),
             )
@@ -340,7 +344,14 @@ def settings_from_dict(
     network = _table(
         top.get("network", {}),
         "network",
-        {"timeout", "connect_timeout", "ca_bundle", "max_connections", "token_refresh_margin"},
+        {
+            "timeout",
+            "connect_timeout",
+            "ca_bundle",
+            "max_connections",
+            "retries",
+            "token_refresh_margin",
+        },
     )
     for key in ("timeout", "connect_timeout", "token_refresh_margin"):
         if key in network:
@@ -354,6 +365,11 @@ def settings_from_dict(
         if not ca.is_file():
             raise ConfigError(f"network.ca_bundle {ca} is not a file")
         kw["ca_bundle"] = str(ca)
+    if "retries" in network:
+        r = network["retries"]
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 100:
+            raise ConfigError("network.retries must be an integer from 0 to 100")
+        kw["retries"] = r
     if "max_connections" in network:
         mc = network["max_connections"]
         if not isinstance(mc, int) or isinstance(mc, bool) or not 1 <= mc <= 1024:

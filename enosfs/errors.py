@@ -38,6 +38,13 @@ class ProtocolError(TransportError):
     """The server answered something that is not what EnOS sends (bad JSON, short body...)."""
 
 
+class FileChanged(ProtocolError):
+    """The server's bytes are no longer the version a reader opened: reading on could
+    mix two versions, so the reader gets ESTALE and a fresh open sees the new one."""
+
+    errno = errno.ESTALE
+
+
 class ApiError(EnosfsError):
     """An EnOS failure envelope: the code, message and requestId the server sent."""
 
@@ -79,7 +86,7 @@ class Denied(ApiError):
 
 
 class InvalidArgument(ApiError):
-    errno = errno.EINVAL
+    """99400: the server found our request wrong; to a reader, an I/O error."""
 
 
 class TokenRejected(ApiError):

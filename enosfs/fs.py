@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import trio
 
 from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
-from enosfs.errors import EnosfsError, errno_of
+from enosfs.errors import AuthError, EnosfsError, errno_of
 from enosfs.namespace import Dir, File, Namespace, Node
 from enosfs.readahead import FolderReadAhead, ReadAhead
 
@@ -35,23 +36,57 @@ XATTR_PREFIX = "user.enos."
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
+class _Quieter:
+    """The same failure, over and over (the backend is down, the credentials were
+    revoked), is said once every QUIET seconds, with a count, not once per request."""
+
+    QUIET = 30.0
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def say(self, level: int, text: str) -> None:
+        now = time.monotonic()
+        when, hidden = self.last.get(text, (float("-inf"), 0))
+        if now - when < self.QUIET:
+            self.last[text] = (when, hidden + 1)
+            log.debug("%s", text)
+            return
+        self.last[text] = (now, 0)
+        if len(self.last) > 1000:
+            self.last = {text: (now, 0)}
+        log.log(level, "%s%s", text, f" (and {hidden} more like it)" if hidden else "")
+
+
+_quiet = _Quieter()
+
+
 def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Answer every failure with an errno; log what is not an ordinary EnOS failure."""
+    """Answer every failure with an errno, within the mount's deadline; log what is not
+    an ordinary EnOS failure, and ordinary ones without repeating them."""
 
     def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(fn)
         async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+            deadline = args[0].op_deadline  # type: ignore[attr-defined]
             try:
-                return await fn(*args, **kwargs)
+                with trio.fail_after(deadline):
+                    return await fn(*args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
+            except AuthError as exc:
+                # The token task has said so, once: no line per request.
+                log.debug("%s: %s", op, exc)
+                raise pyfuse3.FUSEError(errno_of(exc)) from None
             except EnosfsError as exc:
                 code = errno_of(exc)
-                level = logging.DEBUG if code == errno.ENOENT else logging.WARNING
-                log.log(level, "%s: %s", op, exc)
+                if code == errno.ENOENT:
+                    log.debug("%s: %s", op, exc)
+                else:
+                    _quiet.say(logging.WARNING, f"{op}: {exc}")
                 raise pyfuse3.FUSEError(code) from None
             except trio.TooSlowError:
-                log.warning("%s: timed out", op)
+                _quiet.say(logging.WARNING, f"{op}: no answer within {deadline:g}s")
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
             except Exception:
                 log.exception("%s: unexpected error (answered EIO); args %r", op, args[1:])
@@ -81,6 +116,8 @@ class EnosFS(pyfuse3.Operations):
         self.ns = ns
         self.cache = cache
         self.settings = settings
+        # No FUSE call may take longer than this: the network deadline, plus a second.
+        self.op_deadline = settings.timeout + 1.0
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._fh = count(1)
@@ -89,6 +126,7 @@ class EnosFS(pyfuse3.Operations):
         # The version whose pages the kernel may hold, per inode (keep_cache decisions).
         self.kernel_versions: dict[int, object] = {}
         self.stats: Counter[str] = Counter()
+        self.readers: Counter[tuple[object, ...]] = Counter()  # open handles per file version
         self.folder_patterns: dict[int, FolderReadAhead] = {}
 
     # -- attributes ----------------------------------------------------------------------
@@ -215,6 +253,7 @@ class EnosFS(pyfuse3.Operations):
             tolerance=max(1024**2, 2 * self.settings.kernel_read_ahead),
         )
         self.handles[fh] = Handle(node, cached, readahead)
+        self.readers[cached.key] += 1
         self._folder_read_ahead(node)
         # The kernel may keep its pages only if they are of this same version.
         keep = self.kernel_versions.get(inode, meta.version) == meta.version
@@ -249,18 +288,26 @@ class EnosFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         self.stats["reads"] += 1
         self.stats["read_bytes"] += size
-        with trio.fail_after(self.settings.timeout + 1):
-            # Blocks a sequential reader is done with can go, their bytes now in the
-            # kernel's page cache; with direct_io there is no such copy: keep them.
-            consume = h.readahead.sequential and not self.settings.direct_io
-            data = await self.cache.read(h.cached, off, size, consume=consume)
+        # Blocks a sequential reader is done with can go, their bytes now in the
+        # kernel's page cache; with direct_io there is no such copy: keep them.
+        # Only a lone reader's blocks: another reader of the file may still need them.
+        consume = (
+            h.readahead.sequential
+            and not self.settings.direct_io
+            and self.readers[h.cached.key] == 1
+        )
+        data = await self.cache.read(h.cached, off, size, consume=consume)
         ahead = h.readahead.on_read(off, size, h.cached.size)
         if ahead is not None:
             self.cache.prefetch(h.cached, *ahead)
         return data
 
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            self.readers[h.cached.key] -= 1
+            if self.readers[h.cached.key] <= 0:
+                del self.readers[h.cached.key]
 
     async def flush(self, fh: int) -> None:
         return None

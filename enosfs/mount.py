@@ -28,7 +28,7 @@ from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
 from enosfs.errors import ConfigError, Denied, EnosfsError, InvalidArgument, NotFound
 from enosfs.fs import EnosFS
-from enosfs.namespace import File, Namespace
+from enosfs.namespace import Dir, File, Namespace
 from enosfs.retry import RetryPolicy
 from enosfs.transport import LeanTransport
 
@@ -182,7 +182,7 @@ class Mount:
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         s = self.settings
-        policy = RetryPolicy(timeout=s.timeout)
+        policy = RetryPolicy(timeout=s.timeout, max_attempts=s.retries + 1)
         lean = lean_transport(s)
         async with http_client(s, lean) as http:
             self.tokens = TokenSource(
@@ -209,8 +209,12 @@ class Mount:
                     self.client, nursery, block_size=s.block_size, budget=s.cache_memory
                 )
                 ns = Namespace(
-                    self.client, s, on_version_change=lambda f, old: self._changed(nursery, f, old)
+                    self.client,
+                    s,
+                    on_version_change=lambda f, old: self._changed(nursery, f, old),
+                    on_entry_change=self._entry_changed,
                 )
+                self.cache.on_changed = ns.expire
                 self.fs = EnosFS(ns, self.cache, s)
                 pyfuse3.init(self.fs, self.mountpoint, mount_options(s))
                 if s.kernel_read_ahead:
@@ -229,12 +233,14 @@ class Mount:
                 finally:
                     pyfuse3.close(unmount=unmount)
                     log.info(
-                        "unmounted %s (kernel reads %s, cache %s, requests %s, connections %s)",
+                        "unmounted %s (kernel reads %s, cache %s, requests %s, connections %s,"
+                        " retries %d)",
                         self.mountpoint,
                         dict(self.fs.stats),
                         dict(self.cache.stats),
                         dict(self.client.requests),
                         lean.connects if lean else "-",
+                        self.client.retries,
                     )
                     nursery.cancel_scope.cancel()
 
@@ -245,6 +251,12 @@ class Mount:
                 self._terminated = True
                 pyfuse3.terminate()
                 return
+
+    def _entry_changed(self, d: Dir, name: str) -> None:
+        """Have the kernel drop a name whose file changed or went away (in a thread of
+        pyfuse3's: invalidating from inside a request could deadlock)."""
+        with contextlib.suppress(OSError, RuntimeError):
+            pyfuse3.invalidate_entry_async(d.inode, name.encode(), ignore_enoent=True)
 
     def _changed(self, nursery: trio.Nursery, f: File, old: object) -> None:
         """A file's content changed on the server: drop what we and the kernel hold."""

@@ -95,6 +95,7 @@ class Namespace:
         settings: Settings,
         *,
         on_version_change: Callable[[File, FileMeta | None], None] | None = None,
+        on_entry_change: Callable[[Dir, str], None] | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.client = client
@@ -102,6 +103,7 @@ class Namespace:
         self.ttl = settings.metadata_ttl
         self.clock = clock
         self.on_version_change = on_version_change
+        self.on_entry_change = on_entry_change
         self.mount_time_ns = time.time_ns()
         self._inodes = count(ROOT_INODE + 1)
         self.nodes: dict[int, Node] = {}
@@ -244,7 +246,16 @@ class Namespace:
                 out[name] = prev
             else:
                 out[name] = self._new_file(name, d, entry)
+                if prev is not None:
+                    self._entry_changed(d, name)
+        for name in old.keys() - out.keys():
+            self._entry_changed(d, name)
         return out
+
+    def _entry_changed(self, d: Dir, name: str) -> None:
+        """A name now means another file, or nothing: the kernel must forget it."""
+        if self.on_entry_change is not None:
+            self.on_entry_change(d, name)
 
     def _say_denied(self, what: str, exc: EnosfsError) -> None:
         if what not in self._denied_said:
@@ -456,6 +467,12 @@ class Namespace:
             raise
         self._set_meta(f, meta)
         return meta
+
+    def expire(self, uri: str) -> None:
+        """A download showed this file changed: check its metadata again at next use."""
+        for f in self.all_files():
+            if f.ref.uri == uri:
+                f.meta_at = float("-inf")
 
     def siblings(self, f: File) -> tuple[int, list[File]]:
         """f's position among the files of its folder, in listing order."""

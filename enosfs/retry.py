@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,12 +38,28 @@ class RetryPolicy:
     max_attempts: int = 8
 
 
+def _tls_failure(exc: BaseException) -> bool:
+    """Somewhere in its chain of causes, a TLS error (a certificate that does not verify,
+    a server that speaks no TLS): the next attempt would fail the same way."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, ssl.SSLError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, RateLimited | ServerError):
         return True
     if isinstance(exc, httpx.TransportError):
-        # A request we built wrong will not get better by sending it again.
-        return not isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError)
+        # A request we built wrong, or a TLS peer we must not trust, will not get
+        # better by sending it again.
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+            return False
+        return not _tls_failure(exc)
     return isinstance(exc, TransportError) and not isinstance(exc, ProtocolError)
 
 

@@ -230,7 +230,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except trio.TooSlowError:
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {cause or exc}") from exc
         return _Connection(stream, origin)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -37,6 +37,7 @@ def emu(demo_emu: Emulator) -> Iterator[Emulator]:
     demo_emu.reset_stats()
     before = demo_emu.admin("GET", "switches")
     yield demo_emu
+    demo_emu.admin("DELETE", "faults")
     demo_emu.switches(**before)
 
 

@@ -48,6 +48,12 @@ class Emulator:
     def switches(self, **changes: Any) -> dict[str, Any]:
         return dict(self.admin("POST", "switches", changes))
 
+    def faults(self, *faults: dict[str, Any], seed: int = 1) -> None:
+        self.admin("POST", "faults", {"faults": list(faults), "seed": seed})
+
+    def fired(self) -> dict[str, int]:
+        return dict(self.admin("GET", "faults")["fired"])
+
     def state(self) -> dict[str, Any]:
         return dict(json.loads((self.data_dir / "state.json").read_text()))
 
@@ -100,6 +106,7 @@ class Mount:
     proc: subprocess.Popen[bytes]
     path: Path
     log: Path
+    stderr: str = ""  # what the mount wrote to stderr, once it has exited
 
     @property
     def org(self) -> Path:
@@ -161,7 +168,8 @@ def mounted(
             if time.monotonic() > deadline:
                 raise AssertionError("mount did not appear in time")
             time.sleep(0.02)
-        yield Mount(proc, mnt, log)
+        mount = Mount(proc, mnt, log)
+        yield mount
     finally:
         unmount(mnt)
         try:
@@ -170,6 +178,8 @@ def mounted(
             proc.kill()
             proc.wait(timeout=10)
         if proc.stderr:
+            if "mount" in locals():
+                mount.stderr = proc.stderr.read().decode(errors="replace")
             proc.stderr.close()
         assert not is_mounted(mnt), "mount left behind"
 

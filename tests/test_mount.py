@@ -308,6 +308,7 @@ def test_memory_budget_holds_with_50_open_files(emu: Emulator, work: Path) -> No
             t.join(timeout=120)
         assert not errors
         status = Path(f"/proc/{m.proc.pid}/status").read_text()
-        peak_kib = int(next(line.split()[1] for line in status.splitlines()
-                            if line.startswith("VmHWM:")))
+        peak_kib = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+        )
         assert peak_kib * 1024 <= (64 + 80) * 1024 * 1024, f"peak RSS {peak_kib} KiB"

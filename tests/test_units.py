@@ -217,7 +217,7 @@ def test_envelope_success() -> None:
         (200, b'{"code":99404,"msg":"gone","requestId":"r1"}', NotFound, errno.ENOENT),
         (200, b'{"code":24404,"msg":"Firmware not found"}', NotFound, errno.ENOENT),
         (200, b'{"code":99403,"msg":"no"}', Denied, errno.EACCES),
-        (200, b'{"code":99400,"msg":"bad"}', InvalidArgument, errno.EINVAL),
+        (200, b'{"code":99400,"msg":"bad"}', InvalidArgument, errno.EIO),
         (200, b'{"code":99500,"msg":"oops"}', ServerError, errno.EIO),
         (400, b'{"code":99404,"msg":"gone"}', NotFound, errno.ENOENT),
         (200, b'{"code":1203,"msg":"expired"}', TokenRejected, errno.EACCES),
@@ -313,7 +313,9 @@ def test_readahead_starts_at_once_for_large_reads() -> None:
     ra = ReadAhead(initial=1 * MiB)
     size = 1024 * MiB
     assert ra.on_read(300 * MiB + 5, 128 * 1024, size) == (
-        300 * MiB + 5 + 128 * 1024, 300 * MiB + 5 + 128 * 1024 + 1 * MiB)
+        300 * MiB + 5 + 128 * 1024,
+        300 * MiB + 5 + 128 * 1024 + 1 * MiB,
+    )
     assert ra.on_read(10 * MiB, 128 * 1024, size) is not None
 
 

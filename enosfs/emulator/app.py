@@ -7,6 +7,7 @@ bad tokens. Switches (see `Switches`) make it play the variants that are not con
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -26,7 +28,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from enosfs.emulator.expr import ExpressionError, compile_expression, lookup
-from enosfs.emulator.state import FEATURE_KINDS, Blob, Device, Firmware, Org, State, now_ms
+from enosfs.emulator.faults import BODY_KINDS, Fault, FaultError, Faults
+from enosfs.emulator.state import (
+    FEATURE_KINDS,
+    Blob,
+    Device,
+    Firmware,
+    Org,
+    State,
+    generated_bytes,
+    now_ms,
+)
 from enosfs.signature import token_signature
 
 CHUNK = 1024 * 1024
@@ -41,6 +53,9 @@ class Switches:
     token_lifetime: float = 7200.0
     honour_range: bool = True
     file_info: bool = True
+    # How a bad token is answered: "gateway" (HTTP 401 {"message"}), "envelope" (code
+    # 1203 with HTTP 200) or "apim" (apim_status 4011 with HTTP 200).
+    token_rejection: str = "gateway"
 
     def update(self, changes: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
@@ -53,6 +68,8 @@ class Switches:
                     raise TypeError(f"{key} takes true or false")
             elif isinstance(current, float):
                 value = float(value)
+            elif key == "token_rejection" and value not in ("gateway", "envelope", "apim"):
+                raise TypeError("token_rejection is gateway, envelope or apim")
             setattr(self, key, value)
 
 
@@ -101,8 +118,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     return first, min(last, size - 1)
 
 
+class InjectedCut(ConnectionAbortedError):
+    """Raised to make uvicorn close a connection mid-body; not a bug, so not logged."""
+
+
 class BlobResponse:
-    """Streams a blob from disk in large chunks: the emulator must outrun any client."""
+    """Streams a blob from disk in large chunks: the emulator must outrun any client.
+
+    Body faults shape the stream: cut it (reset, short), pause it (stall), pace it
+    (bandwidth).
+    """
 
     def __init__(
         self,
@@ -112,6 +137,7 @@ class BlobResponse:
         status: int,
         headers: dict[str, str],
         counter: Counter[str],
+        faults: list[Fault],
     ) -> None:
         self.path = path
         self.first = first
@@ -119,6 +145,7 @@ class BlobResponse:
         self.status = status
         self.headers = headers
         self.counter = counter
+        self.faults = faults
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = self.last - self.first + 1
@@ -128,25 +155,48 @@ class BlobResponse:
         if scope.get("method") == "HEAD" or length == 0:
             await send({"type": "http.response.body", "body": b""})
             return
+        cut = min((f.after for f in self.faults if f.kind in ("reset", "short")), default=None)
+        stalls = sorted((f.after, f.seconds) for f in self.faults if f.kind == "stall")
+        rate = min((f.rate for f in self.faults if f.kind == "bandwidth"), default=0.0)
+        chunk_size = CHUNK if not rate else max(4096, min(CHUNK, int(rate / 20)))
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            pos = self.first
-            end = self.last + 1
-            while pos < end:
-                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+            sent = 0
+            while sent < length:
+                n = min(chunk_size, length - sent)
+                if cut is not None:
+                    n = min(n, cut - sent)
+                if stalls and stalls[0][0] > sent:
+                    n = min(n, stalls[0][0] - sent)
+                if stalls and stalls[0][0] <= sent:
+                    self.counter["faults.stall"] += 1
+                    await asyncio.sleep(stalls.pop(0)[1])
+                    continue
+                if cut is not None and sent >= cut:
+                    self.counter["faults.cut"] += 1
+                    # Closing the connection mid-body: uvicorn drops it on this error.
+                    raise InjectedCut("injected: body cut")
+                chunk = os.pread(fd, n, self.first + sent)
                 if not chunk:
                     break
-                pos += len(chunk)
+                sent += len(chunk)
                 self.counter["files.download.bytes"] += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": pos < end})
+                await send(
+                    {"type": "http.response.body", "body": chunk, "more_body": sent < length}
+                )
+                if rate:
+                    await asyncio.sleep(len(chunk) / rate)
         finally:
             os.close(fd)
 
 
 class Emulator:
-    def __init__(self, state: State, switches: Switches | None = None) -> None:
+    def __init__(
+        self, state: State, switches: Switches | None = None, faults: Faults | None = None
+    ) -> None:
         self.state = state
         self.switches = switches or Switches()
+        self.faults = faults or Faults()
         self.tokens: dict[str, IssuedToken] = {}
         self.seen_signatures: set[str] = set()
         self.counts: Counter[str] = Counter()
@@ -168,16 +218,57 @@ class Emulator:
             Route("/__emulator__/stats/reset", self.stats_reset, methods=["POST"]),
             Route("/__emulator__/switches", self.set_switches, methods=["GET", "POST"]),
             Route("/__emulator__/tokens/revoke", self.revoke_tokens, methods=["POST"]),
+            Route("/__emulator__/faults", self.set_faults, methods=["GET", "POST", "DELETE"]),
+            Route("/__emulator__/replace", self.replace_file, methods=["POST"]),
+            Route("/__emulator__/apps", self.set_app, methods=["POST"]),
+            Route("/__emulator__/tokens", self.list_tokens, methods=["GET"]),
         ]
         return Starlette(routes=routes)
+
+    async def gate(self, request: Request, kind: str, *, auth: bool = True) -> Response | None:
+        """Count the request, play the faults picked for it, check its token.
+
+        Returns the response that answers it instead of the handler, if any. Faults that
+        shape a download's body are left on request.state for the handler.
+        """
+        self.counts[kind] += 1
+        picked = self.faults.pick(kind)
+        request.state.body_faults = [f for f in picked if f.kind in BODY_KINDS]
+        for fault in picked:
+            if fault.kind == "latency":
+                await asyncio.sleep(fault.seconds)
+        for fault in picked:
+            if fault.kind == "error":
+                self.counts["faults.error"] += 1
+                headers = {"retry-after": f"{fault.seconds:g}"} if fault.seconds else {}
+                text = "API rate limit exceeded" if fault.status == 429 else "upstream failure"
+                return JSONResponse({"message": text}, status_code=fault.status, headers=headers)
+            if fault.kind == "envelope":
+                self.counts["faults.envelope"] += 1
+                return failure(fault.code, "Internal error (injected)", fault.status)
+            if fault.kind == "deny":
+                self.counts["faults.deny"] += 1
+                return failure(99403, "Denied resource: the app lacks this permission")
+            if fault.kind == "garbage":
+                self.counts["faults.garbage"] += 1
+                return Response("<html><body>502 Bad Gateway</body></html>", media_type="text/html")
+            if fault.kind == "nodata":
+                self.counts["faults.nodata"] += 1
+                return JSONResponse({"code": 0, "msg": "OK", "requestId": str(uuid.uuid4())})
+        return self.authorize(request) if auth else None
 
     def authorize(self, request: Request) -> Response | None:
         token = request.headers.get("apim-accesstoken", "")
         issued = self.tokens.get(token)
-        if issued is None or issued.expires_at <= time.monotonic():
-            self.counts["auth.rejected"] += 1
-            return JSONResponse({"message": "Invalid authentication credentials"}, status_code=401)
-        return None
+        if issued is not None and issued.expires_at > time.monotonic():
+            return None
+        self.counts["auth.rejected"] += 1
+        style = self.switches.token_rejection
+        if style == "envelope":
+            return failure(1203, "access token expired")
+        if style == "apim":
+            return JSONResponse({"apim_status": 4011, "msg": "token expired", "data": None})
+        return JSONResponse({"message": "Invalid authentication credentials"}, status_code=401)
 
     def org(self, request: Request) -> Org | Response:
         org_id = request.query_params.get("orgId")
@@ -232,6 +323,67 @@ class Emulator:
                 return JSONResponse({"error": f"bad switch: {exc}"}, status_code=400)
         return JSONResponse(asdict(self.switches))
 
+    async def set_faults(self, request: Request) -> Response:
+        """POST {"faults": [{"kind": ..., ...}], "seed": N} replaces the faults; DELETE
+        clears them; GET shows them and how often each kind fired."""
+        if request.method == "DELETE":
+            self.faults.replace([])
+        elif request.method == "POST":
+            try:
+                doc = json.loads(await request.body() or b"{}")
+                faults = [Fault.from_dict(d) for d in doc.get("faults", [])]
+                seed = doc.get("seed")
+                self.faults.replace(faults, None if seed is None else int(seed))
+            except (FaultError, ValueError, TypeError, AttributeError) as exc:
+                return JSONResponse({"error": f"bad faults: {exc}"}, status_code=400)
+        return JSONResponse(self.faults.describe())
+
+    async def replace_file(self, request: Request) -> Response:
+        """Give an asset's feature new content, as a device uploading a new file does.
+
+        Body: {"orgId", "assetId", "feature", "kind": "attributes"|"measurepoints",
+        "text": ... | "bytes": N, "seed": S, "name": ..., "keep_uri": false}. With
+        keep_uri the fileUri stays and only the bytes (and md5) change.
+        """
+        try:
+            doc = json.loads(await request.body())
+            org = self.state.orgs[doc["orgId"]]
+            device = org.devices[doc["assetId"]]
+            kind, ident = doc.get("kind", "attributes"), doc["feature"]
+            if "text" in doc:
+                data = str(doc["text"]).encode()
+            else:
+                data = generated_bytes(int(doc["bytes"]), str(doc.get("seed", ident)))
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"bad replace request: {exc}"}, status_code=400)
+        current = (
+            device.attributes.get(ident)
+            if kind == "attributes"
+            else (device.measurepoints.get(ident) or [0, None])[1]
+        )
+        name = doc.get("name") or f"{ident}.bin"
+        uri = current if doc.get("keep_uri") and isinstance(current, str) else None
+        blob = self.state.store(org.org_id, "feature", data, name, uri=uri)
+        if kind == "attributes":
+            device.attributes[ident] = blob.uri
+        else:
+            device.measurepoints[ident] = [now_ms(), blob.uri]
+        self.state.save()
+        return JSONResponse({"fileUri": blob.uri, "md5": blob.md5, "size": blob.size})
+
+    async def set_app(self, request: Request) -> Response:
+        """POST {"appKey", "appSecret"}: add an app or change its secret (a rotation)."""
+        try:
+            doc = json.loads(await request.body())
+            self.state.apps[str(doc["appKey"])] = str(doc["appSecret"])
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"bad app: {exc}"}, status_code=400)
+        return JSONResponse({"ok": True})
+
+    async def list_tokens(self, request: Request) -> Response:
+        """The tokens issued so far, so tests can check they never reach a log."""
+        return JSONResponse({"tokens": list(self.tokens)})
+
     async def revoke_tokens(self, request: Request) -> Response:
         self.tokens.clear()
         return JSONResponse({"ok": True})
@@ -273,7 +425,9 @@ class Emulator:
             del self.tokens[t]
 
     async def token_get(self, request: Request) -> Response:
-        self.counts["token.get"] += 1
+        blocked = await self.gate(request, "token.get", auth=False)
+        if blocked is not None:
+            return blocked
         body = await self.json_body(request)
         if isinstance(body, Response):
             return self._token_answer(1004, "invalid parameter")
@@ -289,7 +443,9 @@ class Emulator:
         return self._issue(checked)
 
     async def token_refresh(self, request: Request) -> Response:
-        self.counts["token.refresh"] += 1
+        blocked = await self.gate(request, "token.refresh", auth=False)
+        if blocked is not None:
+            return blocked
         body = await self.json_body(request)
         if isinstance(body, Response):
             return self._token_answer(1004, "invalid parameter")
@@ -318,10 +474,9 @@ class Emulator:
     async def files(self, request: Request) -> Response:
         action = request.query_params.get("action")
         kind = f"files.{action}"
-        self.counts[kind] += 1
-        denied = self.authorize(request)
-        if denied is not None:
-            return denied
+        blocked = await self.gate(request, kind)
+        if blocked is not None:
+            return blocked
         org = self.org(request)
         if isinstance(org, Response):
             return org
@@ -329,7 +484,7 @@ class Emulator:
         if isinstance(device, Response):
             return device
         if action == "download":
-            return self._download(org, request)
+            return self._download(org, request, request.state.body_faults)
         if action == "getFileInfo":
             if not self.switches.file_info:
                 return failure(99400, "Invalid Argument action: unsupported action getFileInfo")
@@ -358,7 +513,7 @@ class Emulator:
             return envelope({})
         return failure(99400, f"Invalid Argument action: {action}")
 
-    def _download(self, org: Org, request: Request) -> Any:
+    def _download(self, org: Org, request: Request, faults: list[Fault]) -> Any:
         blob = self._blob_for(org, request)
         if isinstance(blob, Response):
             return blob
@@ -366,6 +521,7 @@ class Emulator:
         headers = {
             "content-type": "application/octet-stream",
             "accept-ranges": "bytes" if self.switches.honour_range else "none",
+            "etag": f'"{blob.md5}"',
         }
         wanted = parse_range(request.headers.get("range"), size)
         if not self.switches.honour_range:
@@ -376,20 +532,19 @@ class Emulator:
             return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
         if wanted is None:
             self.counts["files.download.full"] += 1
-            return BlobResponse(path, 0, size - 1, 200, headers, self.counts)
+            return BlobResponse(path, 0, size - 1, 200, headers, self.counts, faults)
         first, last = wanted  # type: ignore[misc]
         self.counts["files.download.ranged"] += 1
         headers["content-range"] = f"bytes {first}-{last}/{size}"
-        return BlobResponse(path, first, last, 206, headers, self.counts)
+        return BlobResponse(path, first, last, 206, headers, self.counts, faults)
 
     # -- integration (upload) ------------------------------------------------------------
 
     async def integration(self, request: Request) -> Response:
         action = request.query_params.get("action", "")
-        self.counts[f"integration.{action}"] += 1
-        denied = self.authorize(request)
-        if denied is not None:
-            return denied
+        blocked = await self.gate(request, f"integration.{action}")
+        if blocked is not None:
+            return blocked
         org = self.org(request)
         if isinstance(org, Response):
             return org
@@ -485,10 +640,9 @@ class Emulator:
 
     async def devices(self, request: Request) -> Response:
         action = request.query_params.get("action", "")
-        self.counts[f"devices.{action}"] += 1
-        denied = self.authorize(request)
-        if denied is not None:
-            return denied
+        blocked = await self.gate(request, f"devices.{action}")
+        if blocked is not None:
+            return blocked
         org = self.org(request)
         if isinstance(org, Response):
             return org
@@ -506,12 +660,20 @@ class Emulator:
             pred = compile_expression(body.get("expression"))
         except ExpressionError as exc:
             return failure(99400, f"Invalid Argument expression: {exc}")
-        docs = [self.device_doc(org, d) for d in org.devices.values()]
-        docs = [doc for doc in docs if pred(doc)]
-        docs.sort(key=lambda doc: doc["createTime"], reverse=True)
-        return self._page(docs, body, MAX_DEVICE_PAGE)
+        devices = sorted(org.devices.values(), key=lambda d: d.create_time_ms, reverse=True)
+        if body.get("expression"):
+            docs = [doc for doc in (self.device_doc(org, d) for d in devices) if pred(doc)]
+            return self._page(docs, body, MAX_DEVICE_PAGE)
+        # No filter: build documents for the page asked for only (10,000-asset orgs).
+        return self._page(devices, body, MAX_DEVICE_PAGE, render=lambda d: self.device_doc(org, d))
 
-    def _page(self, docs: list[dict[str, Any]], body: dict[str, Any], max_size: int) -> Response:
+    def _page(
+        self,
+        docs: list[Any],
+        body: dict[str, Any],
+        max_size: int,
+        render: Callable[[Any], dict[str, Any]] | None = None,
+    ) -> Response:
         pagination = body.get("pagination") or {}
         try:
             page_no = int(pagination.get("pageNo", 1))
@@ -521,6 +683,8 @@ class Emulator:
         if page_no < 1 or page_size < 1 or page_size > max_size:
             return failure(99400, f"Invalid Argument pagination: pageSize must be 1..{max_size}")
         chosen = docs[(page_no - 1) * page_size : page_no * page_size]
+        if render is not None:
+            chosen = [render(item) for item in chosen]
         projection = body.get("projection")
         if isinstance(projection, list) and projection:
             chosen = [_project(doc, [str(p) for p in projection]) for doc in chosen]
@@ -536,10 +700,9 @@ class Emulator:
 
     async def thing_models(self, request: Request) -> Response:
         action = request.query_params.get("action", "")
-        self.counts[f"thing-models.{action}"] += 1
-        denied = self.authorize(request)
-        if denied is not None:
-            return denied
+        blocked = await self.gate(request, f"thing-models.{action}")
+        if blocked is not None:
+            return blocked
         org = self.org(request)
         if isinstance(org, Response):
             return org
@@ -587,10 +750,9 @@ class Emulator:
 
     async def measurepoints(self, request: Request) -> Response:
         action = request.query_params.get("action", "")
-        self.counts[f"measurepoints.{action}"] += 1
-        denied = self.authorize(request)
-        if denied is not None:
-            return denied
+        blocked = await self.gate(request, f"measurepoints.{action}")
+        if blocked is not None:
+            return blocked
         org = self.org(request)
         if isinstance(org, Response):
             return org
@@ -633,10 +795,9 @@ class Emulator:
 
     async def firmwares(self, request: Request) -> Response:
         action = request.query_params.get("action", "")
-        self.counts[f"ota-firmwares.{action}"] += 1
-        denied = self.authorize(request)
-        if denied is not None:
-            return denied
+        blocked = await self.gate(request, f"ota-firmwares.{action}")
+        if blocked is not None:
+            return blocked
         org = self.org(request)
         if isinstance(org, Response):
             return org

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import shutil
 import socket
 import sys
@@ -17,8 +18,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from enosfs.emulator.app import Emulator, Switches
+from enosfs.emulator.app import Emulator, InjectedCut, Switches
 from enosfs.emulator.demo import LARGE_DEFAULT, build_demo
+from enosfs.emulator.faults import Faults
 from enosfs.emulator.state import STATE_FILE, SeedError, State, build_state, load_seed, reset_dir
 
 
@@ -31,6 +33,9 @@ class EmulatorOptions:
     demo_large_size: int = LARGE_DEFAULT
     ready_file: str | None = None
     switches: Switches | None = None
+    faults: Faults | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def _fingerprint(*parts: bytes) -> str:
@@ -80,6 +85,14 @@ def prepare_state(seed: str | None, data_dir: Path, large_size: int) -> State:
     return state
 
 
+class _QuietCuts(logging.Filter):
+    """Injected body cuts are wanted, not errors: keep them out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, InjectedCut)
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -117,12 +130,18 @@ def serve(opts: EmulatorOptions) -> int:
                 file=sys.stderr,
             )
             return 2
-        emulator = Emulator(state, opts.switches)
+        emulator = Emulator(state, opts.switches, opts.faults)
+        logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
+        # Writes to a connection the client dropped are expected under faults.
+        logging.getLogger("asyncio").setLevel(logging.ERROR)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{port}"
+        scheme = "https" if opts.tls_cert else "http"
+        url = f"{scheme}://{shown}:{port}"
         config = uvicorn.Config(
             emulator.app(),
+            ssl_certfile=opts.tls_cert,
+            ssl_keyfile=opts.tls_key,
             log_level="warning",
             access_log=False,
             lifespan="off",

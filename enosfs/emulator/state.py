@@ -101,6 +101,15 @@ class Org:
         return None
 
 
+@dataclass(frozen=True)
+class Zeros:
+    """A file of `size` zero bytes, kept sparse on disk: how tests get files above
+    4 GiB without writing them. Give its md5 to skip hashing it."""
+
+    size: int
+    md5: str | None = None
+
+
 class SeedError(ValueError):
     """The seed describes something the emulator cannot hold."""
 
@@ -130,7 +139,7 @@ class State:
         self,
         org_id: str,
         category: str,
-        source: bytes | Path,
+        source: bytes | Path | Zeros,
         original_name: str,
         *,
         uri: str | None = None,
@@ -145,7 +154,16 @@ class State:
         sha = hashlib.sha256()
         size = 0
         with open(tmp, "wb") as out:
-            if isinstance(source, bytes):
+            if isinstance(source, Zeros):
+                out.truncate(source.size)
+                size = source.size
+                if source.md5 is None:
+                    zeros = bytes(4 * 1024 * 1024)
+                    left = size
+                    while left > 0:
+                        md5.update(zeros[: min(left, len(zeros))])
+                        left -= min(left, len(zeros))
+            elif isinstance(source, bytes):
                 out.write(source)
                 md5.update(source)
                 sha.update(source)
@@ -157,16 +175,17 @@ class State:
                         md5.update(chunk)
                         sha.update(chunk)
                         size += len(chunk)
+        digest = source.md5 if isinstance(source, Zeros) and source.md5 else md5.hexdigest()
         blob = Blob(
             uri=uri,
             org_id=org_id,
             category=category,
             size=size,
-            md5=md5.hexdigest(),
+            md5=digest,
             original_name=original_name,
             create_time_ms=create_time_ms or now_ms(),
             sign_method=sign_method,
-            sign=sha.hexdigest() if sign_method == "sha256" else md5.hexdigest(),
+            sign=sha.hexdigest() if sign_method == "sha256" else digest,
         )
         os.replace(tmp, self.blob_path(blob))
         self.blobs[uri] = blob
@@ -241,8 +260,8 @@ def generated_bytes(size: int, seed: str) -> bytes:
 
 def _file_source(
     spec: Any, base: Path, where: str, name_key: str = "name"
-) -> tuple[bytes | Path, str]:
-    """A seed's file value -> (bytes or path, original file name)."""
+) -> tuple[bytes | Path | Zeros, str]:
+    """A seed's file value -> (its content, original file name)."""
     if not isinstance(spec, dict):
         raise SeedError(f"{where}: a file value must be a table with 'file', 'text' or 'bytes'")
     name = spec.get(name_key)
@@ -256,11 +275,13 @@ def _file_source(
     if "bytes" in spec:
         size = int(spec["bytes"])
         return generated_bytes(size, str(spec.get("seed", where))), name or "data.bin"
-    raise SeedError(f"{where}: a file value needs 'file', 'text' or 'bytes'")
+    if "zeros" in spec:
+        return Zeros(int(spec["zeros"]), spec.get("md5")), name or "zeros.bin"
+    raise SeedError(f"{where}: a file value needs 'file', 'text', 'bytes' or 'zeros'")
 
 
 def _is_file_value(value: Any) -> bool:
-    return isinstance(value, dict) and bool({"file", "text", "bytes"} & set(value))
+    return isinstance(value, dict) and bool({"file", "text", "bytes", "zeros"} & set(value))
 
 
 def build_state(seed: dict[str, Any], base: Path, data_dir: Path) -> State:
