@@ -419,6 +419,7 @@ def hostile_seed(tmp: Path, assets: int = 3) -> Path:
                             "dup": "FILE",
                             "big": "FILE",
                             "empty": "FILE",
+                            "nul\u0000byte": "FILE",
                         },
                         "measurepoints": {"dup": "FILE"},
                     }
@@ -437,6 +438,7 @@ def hostile_seed(tmp: Path, assets: int = 3) -> Path:
                             "温度/曲线": {"text": "six"},
                             "dup": {"text": "attr"},
                             "empty": {"text": ""},
+                            "nul\u0000byte": {"text": "seven"},
                             "big": {"zeros": (4 << 30) + 12345, "md5": ZEROS_MD5},
                         },
                         "measurepoints": {"dup": {"text": "mp"}},
@@ -465,7 +467,7 @@ def test_hostile_names_stay_in_their_folder(
             assert "..._escape" not in assets and ".._escape" in assets
             folder = org / ".._escape" / "feature"
             names = os.listdir(folder)
-            assert len(names) == len(set(names)) == 10
+            assert len(names) == len(set(names)) == 11
             for name in names:
                 assert "/" not in name and name not in (".", "..")
                 assert len(name.encode()) <= 255
@@ -488,6 +490,7 @@ def test_hostile_names_stay_in_their_folder(
                 b"four",
                 b"five",
                 b"six",
+                b"seven",
                 b"attr",
                 b"mp",
                 b"",
