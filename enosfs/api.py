@@ -83,6 +83,15 @@ class FileMeta:
         """Identifies this content: a change of size or digest means new bytes."""
         return (self.size, self.md5 or self.sign)
 
+    @property
+    def digest(self) -> tuple[str, str] | None:
+        """(algorithm, hex digest) the bytes can be checked against, if EnOS gave one."""
+        if self.md5:
+            return ("md5", self.md5)
+        if self.sign and self.sign_method in ("md5", "sha256"):
+            return (self.sign_method, self.sign)
+        return None
+
 
 @dataclass(frozen=True)
 class Device:

@@ -19,6 +19,7 @@ handled by cutting its whole-file stream into blocks as it arrives.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from collections import Counter
@@ -29,8 +30,9 @@ import httpx
 import trio
 from cachetools import LRUCache
 
-from enosfs.api import Body, EnosClient, FileRef
-from enosfs.errors import EnosfsError, FileChanged, TransportError
+from enosfs.api import Body, EnosClient, FileMeta, FileRef
+from enosfs.diskcache import DiskCache, block_key
+from enosfs.errors import EnosfsError, FileChanged, IntegrityError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,18 @@ SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the
 
 @dataclass(frozen=True)
 class CachedFile:
-    """What the cache needs of a file: how to fetch it and which version it is."""
+    """What the cache needs of a file: how to fetch it, which version it is, and the
+    digest its bytes can be checked against (if EnOS gave one)."""
 
     ref: FileRef
     size: int
     version: Hashable
+    digest: tuple[str, str] | None = None
+
+    @classmethod
+    def of(cls, ref: FileRef, meta: FileMeta) -> CachedFile:
+        assert meta.size is not None
+        return cls(ref, meta.size, meta.version, meta.digest)
 
     @property
     def key(self) -> tuple[str, Hashable]:
@@ -123,9 +132,11 @@ class BlockCache:
         budget: int = 512 * 1024 * 1024,
         max_request: int = 8 * 1024 * 1024,
         whole_file_limit: int = 4 * 1024 * 1024,
+        disk: DiskCache | None = None,
     ) -> None:
         self.client = client
         self.nursery = nursery
+        self.disk = disk
         self.block_size = block_size
         self.max_request = max(block_size, max_request)
         self.whole_file_limit = whole_file_limit
@@ -301,9 +312,17 @@ class BlockCache:
             if not self._missing(f, index):
                 index += 1
                 continue
+            disk_key = self._disk_key(f, index)
+            if disk_key is not None and self.disk is not None and self.disk.has(disk_key):
+                self.nursery.start_soon(self._load, f, index, self._claim(f, index), disk_key)
+                index += 1
+                continue
             run_start = index
             while (
-                index <= last and self._missing(f, index) and index - run_start < blocks_per_request
+                index <= last
+                and self._missing(f, index)
+                and index - run_start < blocks_per_request
+                and not self._on_disk(f, index)
             ):
                 index += 1
             owned = {i: self._claim(f, i) for i in range(run_start, index)}
@@ -318,17 +337,49 @@ class BlockCache:
             else:
                 self._spawn(f, start, end, owned)
 
+    def _disk_key(self, f: CachedFile, index: int) -> str | None:
+        """Only files with a digest go to disk: then a key names one exact content."""
+        if self.disk is None or f.digest is None:
+            return None
+        return block_key(f.ref.uri, f.size, f.digest, self.block_size, index)
+
+    def _on_disk(self, f: CachedFile, index: int) -> bool:
+        key = self._disk_key(f, index)
+        return key is not None and self.disk is not None and self.disk.has(key)
+
+    async def _load(self, f: CachedFile, index: int, flight: Flight, key: str) -> None:
+        """A block from the disk cache; from the network if it is not intact there."""
+        assert self.disk is not None
+        try:
+            data = await self.disk.get(key, flight.size)
+        except Exception:
+            log.exception("disk cache: reading a block failed")
+            data = None
+        if data is None:
+            start = index * self.block_size
+            self._spawn(f, start, start + flight.size, {index: flight})
+            return
+        flight.buffer = data
+        flight.landed(0, flight.size)
+        self._deliver(f, index, flight, from_disk=True)
+
     def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
         for flight in owned.values():
             flight.fetchers += 1
         self.nursery.start_soon(self._fetch, f, start, end, owned)
 
-    def _deliver(self, f: CachedFile, index: int, flight: Flight) -> None:
+    def _deliver(
+        self, f: CachedFile, index: int, flight: Flight, *, from_disk: bool = False
+    ) -> None:
         assert flight.buffer is not None
         self.lru[self._key(f, index)] = flight.buffer
         flight.data, flight.buffer = flight.buffer, None
         self._landed_or_lost(f, index, flight)
         flight.finish()
+        key = None if from_disk else self._disk_key(f, index)
+        if key is not None and self.disk is not None:
+            # The write task holds the buffer, so it is not reused before it is written.
+            self.nursery.start_soon(self.disk.put, key, flight.data)
 
     def _fail(self, f: CachedFile, owned: dict[int, Flight], error: BaseException) -> None:
         for index, flight in owned.items():
@@ -356,6 +407,9 @@ class BlockCache:
         reached = pos
         self.stats["fetches"] += 1
         task_flights = list(owned.values())  # counted as fetchers by _spawn
+        # A whole file fetched at once is checked against its digest before any reader
+        # sees a byte of it: its blocks land only after the check.
+        verify = f.digest is not None and start == 0 and end == f.size
         try:
             while pos < end:
                 try:
@@ -388,7 +442,7 @@ class BlockCache:
                                 if n == 0:
                                     break
                                 self.stats["bytes"] += n
-                                if flight is not None:
+                                if flight is not None and not verify:
                                     flight.landed(pos - bstart, pos - bstart + n)
                                 pos += n
                                 if flight is not None and flight.complete:
@@ -410,6 +464,8 @@ class BlockCache:
                             f"{MAX_RESUMES + 1} times without progress"
                         )
                     log.debug("download of %s cut at byte %d; resuming", f.ref.uri, pos)
+            if verify:
+                self._verify_and_deliver(f, owned)
             # Done with this range. A block still open here is shared with the other
             # half of a split fetch, which completes it, unless that one is gone too.
             for index, flight in list(owned.items()):
@@ -427,6 +483,31 @@ class BlockCache:
             self._fail(f, owned, TransportError(f"download {f.ref.uri}: incomplete"))
             for flight in task_flights:
                 flight.fetchers -= 1
+
+    def _verify_and_deliver(self, f: CachedFile, owned: dict[int, Flight]) -> None:
+        """Check a whole file's bytes against its digest, then let readers have them."""
+        assert f.digest is not None
+        algorithm, want = f.digest
+        flights = [owned.get(i) for i in range((f.size - 1) // self.block_size + 1)]
+        h = hashlib.new(algorithm)
+        for flight in flights:
+            if flight is None or flight.buffer is None:
+                raise IntegrityError(f"download {f.ref.uri}: incomplete before its check")
+            h.update(flight.buffer)
+        if h.hexdigest() != want.lower():
+            self.stats["integrity_failures"] += 1
+            log.error(
+                "%s: the bytes do not match the %s EnOS gives for the file; not served",
+                f.ref.uri,
+                algorithm,
+            )
+            raise IntegrityError(f"download {f.ref.uri}: {algorithm} mismatch")
+        self.stats["verified_files"] += 1
+        for index, flight in enumerate(flights):
+            assert flight is not None
+            flight.landed(0, flight.size)
+            del owned[index]
+            self._deliver(f, index, flight)
 
     def _check_version(self, f: CachedFile, body: Body) -> None:
         """Refuse bytes of another version than f's: a different size, or a different

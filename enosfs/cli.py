@@ -17,25 +17,57 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from enosfs import __version__
-from enosfs.config import SECRET_ENV, ConfigError, Settings, load_settings, parse_size
+from enosfs.config import (
+    SECRET_ENV,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_size,
+    validated,
+)
 from enosfs.errors import EnosfsError
 
 log = logging.getLogger("enosfs")
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 READY_TIMEOUT = 180.0
 
 
-def setup_logging(level: str, log_file: str | None = None) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, log_file: str | None = None, fmt: str = "text") -> None:
+    try:
+        handler: logging.Handler = (
+            logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot write the log file {log_file}: {exc.strerror}") from None
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -70,20 +102,65 @@ def describe(exc: BaseException) -> str | None:
 # -- mount ------------------------------------------------------------------------------
 
 
-def _mount_foreground(args: argparse.Namespace, ready: Callable[[], None] | None) -> int:
-    from enosfs.mount import check_fuse, check_mountpoint, run_foreground
+@dataclass
+class MountRequest:
+    """Everything `enosfs mount` was asked, checked: the settings and how to run."""
 
-    settings = load_settings(args.config)
-    mountpoint = check_mountpoint(args.mountpoint, allow_nonempty=args.allow_nonempty)
-    check_fuse()
-    run_foreground(settings, mountpoint, ready)
-    return 0
+    settings: Settings
+    mountpoint: str
+    log_level: str
+    log_file: str | None
+    log_format: str
+    metrics_addr: tuple[str, int] | None
+
+
+def resolve_mount(args: argparse.Namespace) -> MountRequest:
+    """Configuration file, then -o options, then flags: each overrides the one before."""
+    from enosfs.options import parse_options
+
+    opts = parse_options(args.options or [])
+    config = args.config or opts.command.get("config")
+    if not config:
+        raise ConfigError("give the configuration file: --config FILE (or -o config=FILE)")
+    settings = opts.apply(load_settings(config))
+    extra: dict[str, Any] = {}
+    if args.cache_dir:
+        extra["cache_dir"] = os.path.abspath(args.cache_dir)
+    if args.cache_size:
+        extra["disk_size"] = parse_size(args.cache_size, "--cache-size")
+    if extra:
+        settings = validated(replace(settings, **extra))
+    if settings.cache_dir is None and args.cache_size:
+        raise ConfigError("--cache-size needs a --cache-dir")
+    level = args.log_level or opts.command.get("log_level") or "info"
+    fmt = args.log_format or opts.command.get("log_format") or "text"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+    if fmt not in ("text", "json"):
+        raise ConfigError("log format must be text or json")
+    metrics = args.metrics_addr or opts.command.get("metrics_addr")
+    return MountRequest(
+        settings=settings,
+        mountpoint=args.mountpoint,
+        log_level=level,
+        log_file=args.log_file or opts.command.get("log_file"),
+        log_format=fmt,
+        metrics_addr=parse_addr(metrics) if metrics else None,
+    )
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--metrics-addr must be HOST:PORT, not {text!r}")
+    return (host.strip("[]") or "127.0.0.1", int(port))
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from enosfs.mount import check_fuse, check_mountpoint
+
     if args.foreground:
         ready_fd = args.ready_fd
-        setup_logging(args.log_level, args.log_file)
 
         def ready() -> None:
             if ready_fd is not None:
@@ -91,7 +168,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 os.close(ready_fd)
 
         try:
-            return _mount_foreground(args, ready)
+            req = resolve_mount(args)
+            setup_logging(req.log_level, req.log_file, req.log_format)
+            from enosfs.mount import run_foreground
+
+            mountpoint = check_mountpoint(req.mountpoint, allow_nonempty=args.allow_nonempty)
+            check_fuse()
+            run_foreground(req.settings, mountpoint, ready, metrics_addr=req.metrics_addr)
+            return 0
         except BaseException as exc:
             text = describe(exc)
             if text is None:
@@ -101,17 +185,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if ready_fd is not None:
                 with contextlib.suppress(OSError):
                     os.write(ready_fd, (text + "\n").encode())
-            if args.log_file:
+            if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
                 log.error("%s", text)
             if ready_fd is None:
                 print(f"enosfs: {text}", file=sys.stderr)
             return EXIT_ERROR
     # Check what can be checked here, then let a child process do the mount and wait
     # for its word that the mount is ready (or why it is not).
-    from enosfs.mount import check_fuse, check_mountpoint
-
-    load_settings(args.config)
-    check_mountpoint(args.mountpoint, allow_nonempty=args.allow_nonempty)
+    req = resolve_mount(args)
+    check_mountpoint(req.mountpoint, allow_nonempty=args.allow_nonempty)
     check_fuse()
     read_fd, write_fd = os.pipe()
     cmd = [
@@ -122,16 +204,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "--foreground",
         "--ready-fd",
         str(write_fd),
-        "--config",
-        args.config,
-        "--log-level",
-        args.log_level,
-        args.mountpoint,
+        *child_args(args),
     ]
-    if args.allow_nonempty:
-        cmd.insert(-1, "--allow-nonempty")
-    if args.log_file:
-        cmd[-1:-1] = ["--log-file", os.path.abspath(args.log_file)]
     with open(os.devnull, "r+b") as devnull:
         proc = subprocess.Popen(
             cmd,
@@ -151,6 +225,29 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 0
     print(f"enosfs: {answer}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The same request for the background process, with paths made absolute."""
+    out: list[str] = []
+    if args.config:
+        out += ["--config", os.path.abspath(args.config)]
+    for group in args.options or []:
+        out += ["-o", group]
+    for flag, value in (
+        ("--log-level", args.log_level),
+        ("--log-format", args.log_format),
+        ("--metrics-addr", args.metrics_addr),
+        ("--cache-size", args.cache_size),
+    ):
+        if value:
+            out += [flag, value]
+    for flag, path in (("--log-file", args.log_file), ("--cache-dir", args.cache_dir)):
+        if path:
+            out += [flag, os.path.abspath(path)]
+    if args.allow_nonempty:
+        out.append("--allow-nonempty")
+    return [*out, os.path.abspath(args.mountpoint)]
 
 
 def _read_answer(fd: int, proc: subprocess.Popen[bytes]) -> str:
@@ -178,6 +275,65 @@ def _read_answer(fd: int, proc: subprocess.Popen[bytes]) -> str:
         return text
     code = proc.wait(timeout=10)
     return f"the mount process exited with status {code} before mounting"
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from enosfs.watch import watch
+
+    if args.interval <= 0:
+        raise ConfigError("--interval must be above zero")
+    return watch(
+        args.mountpoint, interval=args.interval, count=args.count, raw=args.json, live=args.watch
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from enosfs.verify import verify
+
+    missing = [p for p in args.paths if not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"{missing[0]}: no such file or folder")
+    return verify(args.paths)
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """/sbin/mount.fuse.enosfs: what mount(8) runs for `mount -t fuse.enosfs` and fstab.
+
+    mount(8) calls it as `mount.fuse.enosfs CONFIG MOUNTPOINT [-o OPTIONS] [-snfv]`.
+    """
+    p = argparse.ArgumentParser(prog="mount.fuse.enosfs")
+    p.add_argument("config")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    for flag in ("-s", "-n", "-f", "-v"):  # sloppy, no mtab, fake, verbose: mount(8)'s own
+        p.add_argument(flag, action="store_true")
+    p.add_argument("-t", dest="fstype")
+    p.add_argument("-N", dest="namespace")
+    h = p.parse_args(argv)
+    if h.f:
+        return 0
+    args = argparse.Namespace(
+        mountpoint=h.mountpoint,
+        config=h.config,
+        options=h.options,
+        foreground=False,
+        allow_nonempty=False,
+        log_level=None,
+        log_file=None,
+        log_format=None,
+        metrics_addr=None,
+        cache_dir=None,
+        cache_size=None,
+        ready_fd=None,
+    )
+    try:
+        return cmd_mount(args)
+    except BaseException as exc:
+        text = describe(exc)
+        if text is None:
+            raise
+        print(f"mount.fuse.enosfs: {text}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -357,7 +513,20 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount EnOS organisations at MOUNTPOINT")
     m.add_argument("mountpoint")
-    m.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    m.add_argument("--config", "-c", help="TOML configuration file")
+    m.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTIONS",
+        help="mount(8)-style options: allow_other,cache_dir=DIR,cache_size=2G,...",
+    )
+    m.add_argument("--cache-dir", help="keep downloaded blocks on disk here, across remounts")
+    m.add_argument("--cache-size", help="the disk cache's size (default 10GiB)")
+    m.add_argument("--log-format", choices=["text", "json"], help="default: text")
+    m.add_argument(
+        "--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)"
+    )
     m.add_argument(
         "-f",
         "--foreground",
@@ -367,10 +536,22 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--allow-nonempty", action="store_true", help="mount over a folder that has files in it"
     )
-    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     m.add_argument("--log-file", help="write the log here (background mounts log nowhere else)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
+
+    st = sub.add_parser("stats", help="what a mount is doing (from MOUNTPOINT/.enosfs/stats)")
+    st.add_argument("mountpoint")
+    st.add_argument("-w", "--watch", action="store_true", help="a live view, refreshed")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    st.add_argument("--count", type=int, help="stop after this many refreshes")
+    st.add_argument("--json", action="store_true", help="the raw JSON")
+    st.set_defaults(func=cmd_stats)
+
+    v = sub.add_parser("verify", help="check files on a mount against EnOS's md5 or sign")
+    v.add_argument("paths", nargs="+", metavar="PATH")
+    v.set_defaults(func=cmd_verify)
 
     u = sub.add_parser("umount", help="unmount an enosfs (or any FUSE) mount")
     u.add_argument("mountpoint")

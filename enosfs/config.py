@@ -89,6 +89,15 @@ def parse_seconds(value: object, where: str) -> float:
     raise ConfigError(f"{where} must be a duration such as 30s, not {value!r}")
 
 
+def parse_share(value: object, where: str) -> float:
+    """A share of something: '5%' or 0.05."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*%\s*", value):
+        value = float(value.strip()[:-1]) / 100
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1:
+        return float(value)
+    raise ConfigError(f"{where} must be a share such as '5%' or 0.05, not {value!r}")
+
+
 @dataclass(frozen=True)
 class FileRef:
     """A file named in the configuration: shown even where no listing API finds it."""
@@ -120,6 +129,9 @@ class Settings:
     block_size: int = 1024**2
     metadata_ttl: float = 60.0
     read_ahead: int = 64 * 1024**2
+    cache_dir: str | None = None  # the disk cache's folder; None: no disk cache
+    disk_size: int = 10 * 1024**3
+    min_free: float = 0.05  # the disk cache keeps this share of its disk free
     # [kernel]
     entry_timeout: float = 10.0
     attr_timeout: float = 10.0
@@ -312,17 +324,23 @@ def settings_from_dict(
 
     kw: dict[str, Any] = {}
     cache = _table(
-        top.get("cache", {}), "cache", {"memory", "block_size", "metadata_ttl", "read_ahead"}
+        top.get("cache", {}),
+        "cache",
+        {"memory", "block_size", "metadata_ttl", "read_ahead", "dir", "disk_size", "min_free"},
     )
+    if "dir" in cache:
+        d = Path(_str(cache["dir"], "cache.dir")).expanduser()
+        kw["cache_dir"] = str(d if d.is_absolute() else (base_dir / d).resolve())
+    if "disk_size" in cache:
+        kw["disk_size"] = parse_size(cache["disk_size"], "cache.disk_size")
+    if "min_free" in cache:
+        kw["min_free"] = parse_share(cache["min_free"], "cache.min_free")
     if "read_ahead" in cache:
         kw["read_ahead"] = parse_size(cache["read_ahead"], "cache.read_ahead")
     if "memory" in cache:
         kw["cache_memory"] = parse_size(cache["memory"], "cache.memory")
     if "block_size" in cache:
-        bs = parse_size(cache["block_size"], "cache.block_size")
-        if bs < 4096 or bs > 64 * 1024**2 or bs & (bs - 1):
-            raise ConfigError("cache.block_size must be a power of two from 4KiB to 64MiB")
-        kw["block_size"] = bs
+        kw["block_size"] = parse_size(cache["block_size"], "cache.block_size")
     if "metadata_ttl" in cache:
         kw["metadata_ttl"] = parse_seconds(cache["metadata_ttl"], "cache.metadata_ttl")
 
@@ -386,9 +404,21 @@ def settings_from_dict(
         source=source,
         **kw,
     )
+    return validated(settings, read_ahead_given="read_ahead" in cache)
+
+
+def validated(settings: Settings, *, read_ahead_given: bool = True) -> Settings:
+    """Checks across settings, wherever they came from (file, flags, -o options)."""
+    bs = settings.block_size
+    if bs < 4096 or bs > 64 * 1024**2 or bs & (bs - 1):
+        raise ConfigError("cache.block_size must be a power of two from 4KiB to 64MiB")
     if settings.cache_memory < 4 * settings.block_size:
         raise ConfigError("cache.memory must hold at least four blocks")
-    if "read_ahead" not in cache:
+    if settings.timeout <= 0 or settings.connect_timeout <= 0:
+        raise ConfigError("network timeouts must be above zero")
+    if settings.cache_dir is not None and settings.disk_size < 4 * settings.block_size:
+        raise ConfigError("the disk cache must hold at least four blocks (cache.disk_size)")
+    if not read_ahead_given:
         # The default follows the budget, so a small cache.memory alone is valid.
         settings = replace(
             settings, read_ahead=min(settings.read_ahead, settings.cache_memory // 4)

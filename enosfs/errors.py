@@ -38,6 +38,10 @@ class ProtocolError(TransportError):
     """The server answered something that is not what EnOS sends (bad JSON, short body...)."""
 
 
+class IntegrityError(ProtocolError):
+    """The bytes do not match the md5 or sign EnOS gave for the file."""
+
+
 class FileChanged(ProtocolError):
     """The server's bytes are no longer the version a reader opened: reading on could
     mix two versions, so the reader gets ESTALE and a fresh open sees the new one."""

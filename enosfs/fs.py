@@ -25,7 +25,7 @@ import trio
 from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
 from enosfs.errors import AuthError, EnosfsError, errno_of
-from enosfs.namespace import Dir, File, Namespace, Node
+from enosfs.namespace import ControlFile, Dir, File, Namespace, Node
 from enosfs.readahead import FolderReadAhead, ReadAhead
 
 log = logging.getLogger(__name__)
@@ -68,27 +68,33 @@ def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaita
     def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(fn)
         async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
-            deadline = args[0].op_deadline  # type: ignore[attr-defined]
+            fs = args[0]
+            deadline = fs.op_deadline  # type: ignore[attr-defined]
             try:
                 with trio.fail_after(deadline):
                     return await fn(*args, **kwargs)
-            except pyfuse3.FUSEError:
+            except pyfuse3.FUSEError as exc:
+                fs.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1  # type: ignore[attr-defined]
                 raise
             except AuthError as exc:
                 # The token task has said so, once: no line per request.
                 log.debug("%s: %s", op, exc)
+                fs.errors["EACCES"] += 1  # type: ignore[attr-defined]
                 raise pyfuse3.FUSEError(errno_of(exc)) from None
             except EnosfsError as exc:
                 code = errno_of(exc)
+                fs.errors[errno.errorcode.get(code, str(code))] += 1  # type: ignore[attr-defined]
                 if code == errno.ENOENT:
                     log.debug("%s: %s", op, exc)
                 else:
                     _quiet.say(logging.WARNING, f"{op}: {exc}")
                 raise pyfuse3.FUSEError(code) from None
             except trio.TooSlowError:
+                fs.errors["ETIMEDOUT"] += 1  # type: ignore[attr-defined]
                 _quiet.say(logging.WARNING, f"{op}: no answer within {deadline:g}s")
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
             except Exception:
+                fs.errors["EIO"] += 1  # type: ignore[attr-defined]
                 log.exception("%s: unexpected error (answered EIO); args %r", op, args[1:])
                 raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -127,6 +133,8 @@ class EnosFS(pyfuse3.Operations):
         self.kernel_versions: dict[int, object] = {}
         self.stats: Counter[str] = Counter()
         self.readers: Counter[tuple[object, ...]] = Counter()  # open handles per file version
+        self.snapshots: dict[int, bytes] = {}  # open control files: what they showed
+        self.errors: Counter[str] = Counter()  # errno names answered, for /.enosfs/stats
         self.folder_patterns: dict[int, FolderReadAhead] = {}
 
     # -- attributes ----------------------------------------------------------------------
@@ -141,7 +149,12 @@ class EnosFS(pyfuse3.Operations):
         a.st_gid = self.gid
         a.st_blksize = self.cache.block_size
         mtime = self.ns.mount_time_ns
-        if isinstance(node, File):
+        if isinstance(node, ControlFile):
+            a.st_mode = stat.S_IFREG | 0o444  # type: ignore[assignment]
+            a.st_nlink = 1
+            a.st_size = len(node.render())
+            a.entry_timeout = a.attr_timeout = 0  # it changes all the time
+        elif isinstance(node, File):
             a.st_mode = stat.S_IFREG | 0o444  # type: ignore[assignment]
             a.st_nlink = 1
             size = node.meta.size if node.meta is not None else None
@@ -237,14 +250,19 @@ class EnosFS(pyfuse3.Operations):
         node = self._node(inode)
         if isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        assert isinstance(node, File)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if isinstance(node, ControlFile):
+            # Made now, whole; direct_io so every open shows the present state.
+            fh = next(self._fh)
+            self.snapshots[fh] = node.render()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)  # type: ignore[call-arg]
+        assert isinstance(node, File)
         meta = await self.ns.file_meta(node)
         if meta.size is None:
             log.warning("%s: the server does not say how large it is", node.path)
             raise pyfuse3.FUSEError(errno.EIO)
-        cached = CachedFile(node.ref, meta.size, meta.version)
+        cached = CachedFile.of(node.ref, meta)
         fh = next(self._fh)
         readahead = ReadAhead(
             initial=self.cache.block_size,
@@ -279,13 +297,16 @@ class EnosFS(pyfuse3.Operations):
             if meta.size > budget:
                 break
             budget -= meta.size
-            self.cache.prefetch(CachedFile(sibling.ref, meta.size, meta.version), 0, meta.size)
+            self.cache.prefetch(CachedFile.of(sibling.ref, meta), 0, meta.size)
 
     @guarded("read")
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles.get(fh)
         if h is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            snapshot = self.snapshots.get(fh)
+            if snapshot is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            return snapshot[off : off + size]
         self.stats["reads"] += 1
         self.stats["read_bytes"] += size
         # Blocks a sequential reader is done with can go, their bytes now in the
@@ -303,6 +324,7 @@ class EnosFS(pyfuse3.Operations):
         return data
 
     async def release(self, fh: int) -> None:
+        self.snapshots.pop(fh, None)
         h = self.handles.pop(fh, None)
         if h is not None:
             self.readers[h.cached.key] -= 1

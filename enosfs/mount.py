@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
 import signal
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,14 +24,18 @@ import httpx
 import pyfuse3
 import trio
 
-from enosfs.api import EnosClient
+from enosfs import __version__
+from enosfs.api import EnosClient, FileMeta
 from enosfs.auth import TokenSource
 from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
+from enosfs.diskcache import DiskCache
 from enosfs.errors import ConfigError, Denied, EnosfsError, InvalidArgument, NotFound
 from enosfs.fs import EnosFS
+from enosfs.metrics import serve as serve_metrics
 from enosfs.namespace import Dir, File, Namespace
 from enosfs.retry import RetryPolicy
+from enosfs.stats import Parts, render_config, render_stats, render_version, snapshot
 from enosfs.transport import LeanTransport
 
 log = logging.getLogger(__name__)
@@ -38,19 +44,31 @@ FUSE_DEVICE = "/dev/fuse"
 
 
 def check_mountpoint(path: str, *, allow_nonempty: bool = False) -> str:
-    """The absolute mountpoint, or a ConfigError saying what is wrong with it."""
+    """The absolute mountpoint, or a ConfigError saying what is wrong with it.
+
+    A dead FUSE mount (its process died: "transport endpoint is not connected") is
+    cleaned up here, with a word to say so, rather than refused.
+    """
     p = os.path.abspath(path)
     try:
         st = os.stat(p)
     except FileNotFoundError:
         raise ConfigError(f"mountpoint {p} does not exist (create it with: mkdir -p {p})") from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno != errno.ENOTCONN:
+            raise ConfigError(f"mountpoint {p}: {exc.strerror}") from None
+        try:
+            unmount(p, lazy=True)
+        except EnosfsError as err:
             raise ConfigError(
-                f"mountpoint {p} is a dead FUSE mount (transport endpoint is not connected); "
-                f"clean it with: enosfs umount {p}"
+                f"mountpoint {p} is a dead FUSE mount (transport endpoint is not connected) "
+                f"and cleaning it failed: {err}"
             ) from None
-        raise ConfigError(f"mountpoint {p}: {exc.strerror}") from None
+        print(
+            f"enosfs: {p} was a dead FUSE mount (its process had died); cleaned it up",
+            file=sys.stderr,
+        )
+        return check_mountpoint(p, allow_nonempty=allow_nonempty)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mountpoint {p} is not a directory")
     if os.path.ismount(p):
@@ -171,21 +189,31 @@ def mount_options(settings: Settings) -> set[str]:
 class Mount:
     """One mounted filesystem and the tasks that serve it."""
 
-    def __init__(self, settings: Settings, mountpoint: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        mountpoint: str,
+        metrics_addr: tuple[str, int] | None = None,
+    ) -> None:
         self.settings = settings
         self.mountpoint = mountpoint
-        self.fs: EnosFS | None = None
-        self.cache: BlockCache | None = None
-        self.tokens: TokenSource | None = None
-        self.client: EnosClient | None = None
+        self.metrics_addr = metrics_addr
+        self.parts = Parts(settings, mountpoint)
         self._terminated = False
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         s = self.settings
+        p = self.parts
         policy = RetryPolicy(timeout=s.timeout, max_attempts=s.retries + 1)
-        lean = lean_transport(s)
-        async with http_client(s, lean) as http:
-            self.tokens = TokenSource(
+        p.lean = lean_transport(s)
+        async with contextlib.AsyncExitStack() as stack:
+            if s.cache_dir is not None:
+                disk = DiskCache(Path(s.cache_dir), s.disk_size, s.min_free)
+                await trio.to_thread.run_sync(disk.open)
+                stack.callback(disk.close)
+                p.disk = disk
+            http = await stack.enter_async_context(http_client(s, p.lean))
+            p.tokens = TokenSource(
                 http,
                 s.gateway,
                 s.app_key,
@@ -193,38 +221,53 @@ class Mount:
                 refresh_margin=s.token_refresh_margin,
                 policy=policy,
             )
-            await self.tokens.start()
-            self.client = EnosClient(
+            await p.tokens.start()
+            p.client = EnosClient(
                 http,
-                self.tokens,
+                p.tokens,
                 gateway=s.gateway,
                 integration=s.integration,
                 policy=policy,
-                lean=lean,
+                lean=p.lean,
             )
-            await check_orgs(self.client, s)
+            await check_orgs(p.client, s)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.tokens.run)
-                self.cache = BlockCache(
-                    self.client, nursery, block_size=s.block_size, budget=s.cache_memory
+                nursery.start_soon(p.tokens.run)
+                p.cache = BlockCache(
+                    p.client,
+                    nursery,
+                    block_size=s.block_size,
+                    budget=s.cache_memory,
+                    disk=p.disk,
                 )
                 ns = Namespace(
-                    self.client,
+                    p.client,
                     s,
                     on_version_change=lambda f, old: self._changed(nursery, f, old),
                     on_entry_change=self._entry_changed,
                 )
-                self.cache.on_changed = ns.expire
-                self.fs = EnosFS(ns, self.cache, s)
-                pyfuse3.init(self.fs, self.mountpoint, mount_options(s))
+                ns.add_control(
+                    {
+                        "stats": lambda: render_stats(p),
+                        "config": lambda: render_config(s),
+                        "version": render_version,
+                    }
+                )
+                p.cache.on_changed = ns.expire
+                p.fs = EnosFS(ns, p.cache, s)
+                if self.metrics_addr is not None:
+                    token = trio.lowlevel.current_trio_token()
+                    serve_metrics(
+                        self.metrics_addr,
+                        lambda: trio.from_thread.run_sync(snapshot, p, trio_token=token),
+                    )
+                pyfuse3.init(p.fs, self.mountpoint, mount_options(s))
                 if s.kernel_read_ahead:
                     set_kernel_read_ahead(self.mountpoint, s.kernel_read_ahead)
                 unmount = True
                 try:
                     nursery.start_soon(self._signals)
-                    log.info(
-                        "mounted %s at %s", ", ".join(o.org_id for o in s.orgs), self.mountpoint
-                    )
+                    log.info("%s", self.summary())
                     if ready is not None:
                         ready()
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -233,16 +276,30 @@ class Mount:
                 finally:
                     pyfuse3.close(unmount=unmount)
                     log.info(
-                        "unmounted %s (kernel reads %s, cache %s, requests %s, connections %s,"
-                        " retries %d)",
-                        self.mountpoint,
-                        dict(self.fs.stats),
-                        dict(self.cache.stats),
-                        dict(self.client.requests),
-                        lean.connects if lean else "-",
-                        self.client.retries,
+                        "unmounted %s; %s", self.mountpoint, json.dumps(snapshot(p), default=str)
                     )
                     nursery.cancel_scope.cancel()
+
+    def summary(self) -> str:
+        """The one start-up line: what is mounted where, from what, with what caches."""
+        s, p = self.settings, self.parts
+        disk = (
+            f"disk cache {s.cache_dir} ({s.disk_size >> 20} MiB)"
+            if s.cache_dir
+            else "no disk cache"
+        )
+        left = p.tokens.expires_in if p.tokens is not None else None
+        token = f"token expires in {left:.0f}s" if left is not None else "no token"
+        metrics = (
+            f"; metrics on {self.metrics_addr[0]}:{self.metrics_addr[1]}"
+            if self.metrics_addr
+            else ""
+        )
+        return (
+            f"enosfs {__version__} mounted {', '.join(o.org_id for o in s.orgs)} at "
+            f"{self.mountpoint} from {s.gateway}; memory cache {s.cache_memory >> 20} MiB, "
+            f"{disk}; {token}{metrics}"
+        )
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -258,12 +315,10 @@ class Mount:
         with contextlib.suppress(OSError, RuntimeError):
             pyfuse3.invalidate_entry_async(d.inode, name.encode(), ignore_enoent=True)
 
-    def _changed(self, nursery: trio.Nursery, f: File, old: object) -> None:
+    def _changed(self, nursery: trio.Nursery, f: File, old: FileMeta | None) -> None:
         """A file's content changed on the server: drop what we and the kernel hold."""
-        from enosfs.api import FileMeta
-
-        if self.cache is not None and isinstance(old, FileMeta) and old.size is not None:
-            self.cache.drop(CachedFile(f.ref, old.size, old.version))
+        if self.parts.cache is not None and old is not None and old.size is not None:
+            self.parts.cache.drop(CachedFile.of(f.ref, old))
 
         async def invalidate() -> None:
             try:
@@ -276,11 +331,15 @@ class Mount:
 
 
 def run_foreground(
-    settings: Settings, mountpoint: str, ready: Callable[[], None] | None = None
+    settings: Settings,
+    mountpoint: str,
+    ready: Callable[[], None] | None = None,
+    *,
+    metrics_addr: tuple[str, int] | None = None,
 ) -> None:
     """Mount and serve until unmounted or signalled. Raises EnosfsError for the CLI."""
     check_fuse()
-    trio.run(Mount(settings, mountpoint).run, ready)
+    trio.run(Mount(settings, mountpoint, metrics_addr).run, ready)
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> None:

@@ -76,6 +76,16 @@ class File(Node):
     mtime_ms: int | None = None
 
 
+@dataclass(eq=False)
+class ControlFile(Node):
+    """A file of the mount's own state (/.enosfs/stats ...): made when opened."""
+
+    render: Callable[[], bytes] = field(default=lambda: b"")
+
+
+CONTROL_DIR = ".enosfs"
+
+
 @dataclass
 class _Entry:
     """A file found by a listing, before names are settled."""
@@ -113,6 +123,7 @@ class Namespace:
         self.models: dict[tuple[str, str], tuple[float, FileFeatures]] = {}
         self.firmwares: dict[tuple[str, str], tuple[float, list[Firmware]]] = {}
         self._denied_said: set[str] = set()
+        self.control: Dir | None = None
         self._meta_limit = trio.Semaphore(META_CONCURRENCY)
 
     # -- nodes ---------------------------------------------------------------------------
@@ -134,9 +145,6 @@ class Namespace:
 
     def get(self, inode: int) -> Node | None:
         return self.nodes.get(inode)
-
-    def fresh(self, d: Dir) -> bool:
-        return d.children is not None and self.clock() - d.loaded_at < self.ttl
 
     # -- listing -------------------------------------------------------------------------
 
@@ -207,10 +215,13 @@ class Namespace:
     async def _list(self, d: Dir) -> dict[str, Node]:
         old = d.children or {}
         if d.kind == "root":
-            return {
+            out = {
                 o.org_id: old.get(o.org_id) or self._new_dir(o.org_id, d, "org", org=o.org_id)
                 for o in self.settings.orgs
             }
+            if self.control is not None:
+                out[CONTROL_DIR] = self.control
+            return out
         if d.kind == "org":
             names = await self._asset_ids(d.org)
             out: dict[str, Node] = {}
@@ -467,6 +478,21 @@ class Namespace:
             raise
         self._set_meta(f, meta)
         return meta
+
+    def add_control(self, files: dict[str, Callable[[], bytes]]) -> None:
+        """The read-only folder /.enosfs that shows the mount's own state."""
+        d = self._new_dir(CONTROL_DIR, self.root, "control")
+        d.children = {}
+        for name, render in files.items():
+            node = ControlFile(next(self._inodes), name, d, render=render)
+            self.nodes[node.inode] = node
+            d.children[name] = node
+        self.control = d
+
+    def fresh(self, d: Dir) -> bool:
+        return d.children is not None and (
+            d.kind == "control" or self.clock() - d.loaded_at < self.ttl
+        )
 
     def expire(self, uri: str) -> None:
         """A download showed this file changed: check its metadata again at next use."""

@@ -206,7 +206,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self.idle: dict[Origin, list[_Connection]] = defaultdict(list)
         self.connects = 0
         # One slot per connection in use; a response body holds its slot until closed.
+        self.max_connections = max_connections
         self.slots = trio.Semaphore(max_connections)
+
+    @property
+    def in_use(self) -> int:
+        return self.max_connections - self.slots.value
 
     def release(self, conn: _Connection) -> None:
         idle = self.idle[conn.origin]

@@ -29,7 +29,7 @@ async def big_file(emu: Emulator, cache: BlockCache) -> tuple[CachedFile, bytes]
     ref = FileRef(emu.org, "WTG-001", "feature", uri)
     meta = await cache.client.file_meta(ref)
     assert meta.size is not None
-    return CachedFile(ref, meta.size, meta.version), emu.blob(uri)
+    return CachedFile.of(ref, meta), emu.blob(uri)
 
 
 def downloaded(emu: Emulator) -> int:
@@ -153,7 +153,7 @@ async def test_small_file_in_one_request(emu: Emulator) -> None:
         ref = FileRef(emu.org, path.split("/")[0], "feature", uri)
         meta = await cache.client.file_meta(ref)
         assert meta.size is not None and meta.size > 64 * 1024
-        f = CachedFile(ref, meta.size, meta.version)
+        f = CachedFile.of(ref, meta)
         emu.reset_stats()
         want = emu.blob(uri)
         out = b"".join([await cache.read(f, off, 4096) for off in range(0, f.size, 4096)])

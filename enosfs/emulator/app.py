@@ -158,6 +158,7 @@ class BlobResponse:
         cut = min((f.after for f in self.faults if f.kind in ("reset", "short")), default=None)
         stalls = sorted((f.after, f.seconds) for f in self.faults if f.kind == "stall")
         rate = min((f.rate for f in self.faults if f.kind == "bandwidth"), default=0.0)
+        flips = {f.after for f in self.faults if f.kind == "corrupt"}
         chunk_size = CHUNK if not rate else max(4096, min(CHUNK, int(rate / 20)))
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -179,6 +180,12 @@ class BlobResponse:
                 chunk = os.pread(fd, n, self.first + sent)
                 if not chunk:
                     break
+                for at in flips:
+                    if sent <= at < sent + len(chunk):
+                        self.counter["faults.corrupt"] += 1
+                        spoilt = bytearray(chunk)
+                        spoilt[at - sent] ^= 0xFF
+                        chunk = bytes(spoilt)
                 sent += len(chunk)
                 self.counter["files.download.bytes"] += len(chunk)
                 await send(

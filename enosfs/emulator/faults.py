@@ -17,6 +17,7 @@ repeated), and optionally only a number of times. Faults are set at start
 | short     | a download whose Content-Length promises more than is then sent  |
 | stall     | a download that stops for `seconds` after `after` body bytes      |
 | bandwidth | a download paced at `rate` bytes per second                       |
+| corrupt   | a download with the byte at body offset `after` flipped          |
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ KINDS = (
     "short",
     "stall",
     "bandwidth",
+    "corrupt",
 )
-BODY_KINDS = ("reset", "short", "stall", "bandwidth")
+BODY_KINDS = ("reset", "short", "stall", "bandwidth", "corrupt")
 
 
 class FaultError(ValueError):
