@@ -474,6 +474,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rel = os.path.relpath(org)
     if rel.startswith(".."):
         rel = org
+    mp_rel = os.path.dirname(rel) or "."
+    exe = Path(sys.executable).parent / "enosfs"
+    tool = os.path.relpath(exe) if exe.exists() else f"{sys.executable} -m enosfs"
 
     def ready() -> None:
         print(
@@ -489,6 +492,8 @@ Try, in another terminal:
   head {rel}/WTG-001/feature/scada_export.csv
   getfattr -d {rel}/WTG-001/ota/*
   cp -r {rel} /tmp/enos-copy
+  {tool} stats {mp_rel} --watch
+  {tool} verify {rel}
 
 Press Ctrl-C here to unmount and stop the emulator.
 """,
