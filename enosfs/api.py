@@ -24,6 +24,7 @@ import trio
 from enosfs.auth import TokenSource
 from enosfs.errors import (
     ApiError,
+    EnosfsError,
     InvalidArgument,
     ProtocolError,
     RateLimited,
@@ -77,11 +78,12 @@ class FileMeta:
     create_time_ms: int | None = None
     sign_method: str | None = None
     sign: str | None = None
+    etag: str | None = None  # from a Range probe, where there is no digest to go by
 
     @property
     def version(self) -> tuple[int | None, str | None]:
-        """Identifies this content: a change of size or digest means new bytes."""
-        return (self.size, self.md5 or self.sign)
+        """Identifies this content: a change of size, digest or ETag means new bytes."""
+        return (self.size, self.md5 or self.sign or self.etag)
 
     @property
     def digest(self) -> tuple[str, str] | None:
@@ -476,19 +478,23 @@ class EnosClient:
             pages = min(MAX_PAGES, -(-total // DEVICE_PAGE))
         if pages > 1:
             results: dict[int, list[Device]] = {}
-
-            async def fetch(n: int) -> None:
-                results[n], _ = await self.search_devices_page(org, n)
-
+            errors: list[EnosfsError] = []
             limiter = trio.Semaphore(4)
 
-            async def limited(n: int) -> None:
+            async def fetch(n: int) -> None:
+                # A failed page is kept, not raised: raised in a nursery it would come
+                # out wrapped in an ExceptionGroup, not as the EnOS error it is.
                 async with limiter:
-                    await fetch(n)
+                    try:
+                        results[n], _ = await self.search_devices_page(org, n)
+                    except EnosfsError as exc:
+                        errors.append(exc)
 
             async with trio.open_nursery() as nursery:
                 for n in range(2, pages + 1):
-                    nursery.start_soon(limited, n)
+                    nursery.start_soon(fetch, n)
+            if errors:
+                raise errors[0]
             for n in sorted(results):
                 for d in results[n]:
                     seen.setdefault(d.asset_id, d)
@@ -603,14 +609,14 @@ class EnosClient:
         """The size of a file from the headers of a one-byte ranged download."""
         async with self.open_download(ref, 0, 0, kind="files.probe") as body:
             if body.total is not None:
-                return FileMeta(uri=ref.uri, size=body.total)
+                return FileMeta(uri=ref.uri, size=body.total, etag=body.etag)
             if not body.ranged and body.length is not None:
-                return FileMeta(uri=ref.uri, size=body.length)
+                return FileMeta(uri=ref.uri, size=body.length, etag=body.etag)
             # Neither Content-Range nor Content-Length: only counting tells.
             n = 0
             async for chunk in body.chunks():
                 n += len(chunk)
-            return FileMeta(uri=ref.uri, size=n)
+            return FileMeta(uri=ref.uri, size=n, etag=body.etag)
 
     @asynccontextmanager
     async def open_download(

@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from enosfs.config import Secret
-from enosfs.errors import ApiError, AuthError, ProtocolError, ServerError, TransportError
+from enosfs.errors import ApiError, AuthError, EnosfsError, ProtocolError, ServerError
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.signature import token_signature
 
@@ -114,28 +114,39 @@ class TokenSource:
         if self._token is None:
             await self.start()
         task_status.started()
+        failures = 0
         while True:
             tok = self._token
             assert tok is not None
-            refresh_at = tok.expires_at - min(self._margin, tok.lifetime * 0.25)
-            with trio.move_on_at(refresh_at):
-                await self._wake.wait()
+            if not self._needs_renewal(tok):
+                refresh_at = tok.expires_at - min(self._margin, tok.lifetime * 0.25)
+                with trio.move_on_at(refresh_at):
+                    await self._wake.wait()
             self._wake = trio.Event()
             self._renewing = True
             try:
                 self._set(await self._renew())
+                failures = 0
             except AuthError as exc:
                 if self._error is None:
                     log.error("%s", exc)
                 self._error = exc
                 self._wake_waiters()
                 await trio.sleep(_RETRY_AFTER_AUTH_FAILURE)
-            except TransportError as exc:
+            except EnosfsError as exc:
+                # The token service is down or busy: try again soon, and again, while
+                # requests wait (each within its own deadline).
+                failures += 1
                 log.warning("token renewal failed, will try again: %s", exc)
                 self._wake_waiters()
-                await trio.sleep(1.0)
+                await trio.sleep(min(10.0, 0.5 * 2 ** min(failures, 5)))
             finally:
                 self._renewing = False
+
+    def _needs_renewal(self, tok: Token) -> bool:
+        """Renew at once (not at the planned time): the token was rejected or is no
+        longer valid, so requests are waiting."""
+        return self._rejected == tok.value or not tok.valid_at(trio.current_time(), self._skew(tok))
 
     # -- internals ---------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ middle of a block that nobody has asked for yet fetches from (just before) the r
 offset to the block's end first, and the block's head with a second request, so a
 random 4 KiB read waits for one short transfer, not for half a block.
 
-Keys carry the file's version (size and digest), so bytes of two versions never mix. A
-body cut short is resumed from the byte it reached; a server that ignores Range is
+Keys carry the file's version (size, and its digest or ETag), and every body's size and
+ETag are checked against the version they are fetched for, so bytes of two versions
+never mix as long as the server says when a file changed (a new size, digest or ETag).
+A body cut short is resumed from the byte it reached; a server that ignores Range is
 handled by cutting its whole-file stream into blocks as it arrives.
 """
 
@@ -43,6 +45,18 @@ MAX_FREE_BUFFERS = 64
 # readers a prompt error, not a storm of slow ones.
 FAILURE_MEMORY = 1.0
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
+
+
+def _free_refcount() -> int:
+    """sys.getrefcount of a buffer held only by a list being looped over, measured in
+    the same shape as BlockCache._recycle's loop."""
+    probe = [bytearray(1)]
+    for block in probe:
+        return sys.getrefcount(block)
+    return 0
+
+
+_FREE_REFS = _free_refcount()
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,7 @@ class Flight:
             self.waiters.append((lo, hi, event))
             await event.wait()
         if self.error is not None:
-            raise self.error
+            raise self.error.with_traceback(None)
         buffer = self.data if self.data is not None else self.buffer
         assert buffer is not None
         return buffer
@@ -142,7 +156,8 @@ class BlockCache:
         self.whole_file_limit = whole_file_limit
         # One budget for all block memory: blocks on their way from read-ahead, spare
         # buffers, and the LRU get the rest. Reads a reader waits for are never held
-        # back, so the budget can be overrun only by what readers are blocked on.
+        # back, so the budget can be overrun by what readers wait on (and by a server
+        # that ignores Range, whose whole-file stream is kept as it comes).
         self.budget = budget
         self.prefetch_cap = max(4 * block_size, budget // 4)
         self.free_cap = min(MAX_FREE_BUFFERS, max(1, budget // 8 // block_size))
@@ -201,7 +216,7 @@ class BlockCache:
             if failed is not None:
                 if now - failed[0] < FAILURE_MEMORY:
                     self.stats["failed_fast"] += 1
-                    raise failed[1]
+                    raise failed[1].with_traceback(None)
                 del self.failures[self._key(f, index)]
 
     def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
@@ -243,15 +258,17 @@ class BlockCache:
         """Move released buffers that nobody holds any more to the free list.
 
         Runs at the start of the next read, when pyfuse3 has sent the previous reply and
-        let go of its view. A buffer still referenced anywhere (a view, a reader waiting
-        on its flight) has a higher reference count and is left to the garbage collector
-        instead: reusing it could change bytes someone is about to send.
+        let go of its view. Whatever else still holds a buffer (a memoryview on its way
+        to the kernel, a reader woken by its flight, a disk write) raises its reference
+        count above what a lone buffer has here, and such a buffer is left to the
+        garbage collector instead: reusing it could change bytes someone is about to
+        send. That lone count is measured when the module loads (_FREE_REFS), not
+        assumed, since it differs between Python versions.
         """
         if not self._released:
             return
         for block in self._released:
-            # References: the list, the loop variable, getrefcount's argument.
-            if sys.getrefcount(block) <= 3 and len(self._free) < self.free_cap:
+            if sys.getrefcount(block) <= _FREE_REFS and len(self._free) < self.free_cap:
                 self._free.append(block)
         self._released.clear()
 
@@ -375,6 +392,7 @@ class BlockCache:
         self.lru[self._key(f, index)] = flight.buffer
         flight.data, flight.buffer = flight.buffer, None
         self._landed_or_lost(f, index, flight)
+        self.failures.pop(self._key(f, index), None)
         flight.finish()
         key = None if from_disk else self._disk_key(f, index)
         if key is not None and self.disk is not None:
@@ -386,9 +404,13 @@ class BlockCache:
             if flight.done.is_set():
                 continue
             self._landed_or_lost(f, index, flight)
-            if len(self.failures) > 10_000:
-                self.failures.clear()
-            self.failures[self._key(f, index)] = (trio.current_time(), error)
+            error = _bare(error)
+            now = trio.current_time()
+            if len(self.failures) > 1000:
+                self.failures = {
+                    k: v for k, v in self.failures.items() if now - v[0] < FAILURE_MEMORY
+                }
+            self.failures[self._key(f, index)] = (now, error)
             flight.error = error
             flight.buffer = None
             flight.finish()
@@ -399,14 +421,17 @@ class BlockCache:
     async def _fetch(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
         """Download bytes [start, end) into the blocks they belong to, resuming a cut
         body from the byte it reached. Blocks this task does not own (another fetch
-        fills them, or they are cached) are read past."""
+        fills them, or they are cached) are read past. `owned` holds the flights this
+        task must still fill; each is let go of as soon as it is delivered, so its
+        buffer is not pinned while the rest of the range streams in."""
         bs = self.block_size
         pos = start
         block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
         reached = pos
+        completed = False
+        failure: EnosfsError | None = None
         self.stats["fetches"] += 1
-        task_flights = list(owned.values())  # counted as fetchers by _spawn
         # A whole file fetched at once is checked against its digest before any reader
         # sees a byte of it: its blocks land only after the check.
         verify = f.digest is not None and start == 0 and end == f.size
@@ -416,11 +441,7 @@ class BlockCache:
                     async with self.client.open_download(f.ref, pos, end - 1) as body:
                         self._check_version(f, body)
                         if not body.ranged:
-                            before = set(owned)
                             pos, end = self._adopt_whole_body(f, pos, end, block, owned)
-                            for index in set(owned) - before:
-                                owned[index].fetchers += 1
-                                task_flights.append(owned[index])
                         if await _skip(body, pos - body.start):
                             while pos < end:
                                 index = pos // bs
@@ -446,7 +467,7 @@ class BlockCache:
                                     flight.landed(pos - bstart, pos - bstart + n)
                                 pos += n
                                 if flight is not None and flight.complete:
-                                    owned.pop(index, None)
+                                    self._let_go(owned, index)
                                     self._deliver(f, index, flight)
                                 if pos == stop:
                                     block = None
@@ -466,23 +487,26 @@ class BlockCache:
                     log.debug("download of %s cut at byte %d; resuming", f.ref.uri, pos)
             if verify:
                 self._verify_and_deliver(f, owned)
-            # Done with this range. A block still open here is shared with the other
-            # half of a split fetch, which completes it, unless that one is gone too.
-            for index, flight in list(owned.items()):
-                if flight.fetchers > 1 or flight.done.is_set():
-                    del owned[index]
+            completed = True
         except EnosfsError as exc:
-            self._fail(f, owned, exc)
+            failure = exc
         except Exception as exc:
             # A bug, not a server fault: say so once, and never leave readers hanging.
             log.exception("unexpected error downloading %s", f.ref.uri)
-            self._fail(f, owned, TransportError(f"download {f.ref.uri}: {type(exc).__name__}"))
+            failure = TransportError(f"download {f.ref.uri}: {type(exc).__name__}")
         finally:
-            # Failed or cancelled, or a block no other fetch will finish: nobody may wait
-            # for these any more.
-            self._fail(f, owned, TransportError(f"download {f.ref.uri}: incomplete"))
-            for flight in task_flights:
-                flight.fetchers -= 1
+            error = _bare(failure or TransportError(f"download {f.ref.uri}: incomplete"))
+            for index in list(owned):
+                flight = self._let_go(owned, index)
+                # A block the other half of a split fetch is still filling is left to
+                # it; anything else unfinished can no longer arrive.
+                if not (flight.done.is_set() or (completed and flight.fetchers > 0)):
+                    self._fail(f, {index: flight}, error)
+
+    def _let_go(self, owned: dict[int, Flight], index: int) -> Flight:
+        flight = owned.pop(index)
+        flight.fetchers -= 1
+        return flight
 
     def _verify_and_deliver(self, f: CachedFile, owned: dict[int, Flight]) -> None:
         """Check a whole file's bytes against its digest, then let readers have them."""
@@ -506,7 +530,7 @@ class BlockCache:
         for index, flight in enumerate(flights):
             assert flight is not None
             flight.landed(0, flight.size)
-            del owned[index]
+            self._let_go(owned, index)
             self._deliver(f, index, flight)
 
     def _check_version(self, f: CachedFile, body: Body) -> None:
@@ -523,6 +547,8 @@ class BlockCache:
                 self.etags.clear()
         if changed is not None:
             self.stats["changed"] += 1
+            # The first ETag stays this version's: readers of it keep getting ESTALE
+            # rather than new bytes; a new open learns the new version and its own key.
             if self.on_changed is not None:
                 self.on_changed(f.ref.uri)
             raise FileChanged(f"download {f.ref.uri}: the file changed ({changed})")
@@ -537,10 +563,13 @@ class BlockCache:
         (pos, end) to read between.
         """
         bs = self.block_size
-        lowest = pos // bs if block is not None else 0
+        # Partway through a block, that block is kept as it is: its bytes so far may be
+        # in a buffer that is not its flight's.
+        lowest = pos // bs + 1 if block is not None else 0
         for i in range(lowest, (f.size - 1) // bs + 1):
             if i not in owned and self._missing(f, i):
                 owned[i] = self._claim(f, i)
+                owned[i].fetchers += 1
         if block is None:
             pos = min([pos, *(i * bs for i in owned)])
         return pos, max([end, *(min(f.size, (i + 1) * bs) for i in owned)])
@@ -557,3 +586,12 @@ async def _skip(body: Body, count: int) -> bool:
             return False
         count -= n
     return True
+
+
+def _bare(exc: EnosfsError) -> EnosfsError:
+    """The exception without the frames it was raised through: kept in a flight or in
+    the failure memory, those frames would pin the buffers of the fetch that failed."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc

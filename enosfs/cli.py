@@ -37,7 +37,6 @@ log = logging.getLogger("enosfs")
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 READY_TIMEOUT = 180.0
 
 
@@ -163,12 +162,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
         ready_fd = args.ready_fd
 
         def ready() -> None:
+            nonlocal ready_fd
             if ready_fd is not None:
                 os.write(ready_fd, b"ok\n")
                 os.close(ready_fd)
+                ready_fd = None  # the number may soon name another file
 
         try:
             req = resolve_mount(args)
+            # Read; now out of this process's environment, which fusermount3 and any
+            # other child would inherit.
+            os.environ.pop(SECRET_ENV, None)
             setup_logging(req.log_level, req.log_file, req.log_format)
             from enosfs.mount import run_foreground
 
@@ -273,7 +277,10 @@ def _read_answer(fd: int, proc: subprocess.Popen[bytes]) -> str:
     text = data.decode("utf-8", "replace").strip()
     if text:
         return text
-    code = proc.wait(timeout=10)
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return "the mount process neither mounted nor said why"
     return f"the mount process exited with status {code} before mounting"
 
 

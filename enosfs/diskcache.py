@@ -73,7 +73,11 @@ class DiskCache:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        self._scan()
+        try:
+            self._scan()
+        except OSError as exc:
+            self.close()
+            raise ConfigError(f"cache dir {self.root}: cannot read it: {exc.strerror}") from None
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -160,6 +164,16 @@ class DiskCache:
             return None
 
     async def put(self, key: str, data: bytearray) -> None:
+        """Keep a block. Never fails: a disk that went away or filled up costs the
+        cache, not the mount."""
+        try:
+            await self._put(key, data)
+        except Exception as exc:
+            self.stats["write_errors"] += 1
+            if self.stats["write_errors"] == 1:
+                log.warning("disk cache: cannot keep blocks (%s); carrying on without", exc)
+
+    async def _put(self, key: str, data: bytearray) -> None:
         name = self.name(key)
         if name in self.index or name in self._writing:
             return

@@ -105,7 +105,6 @@ def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaita
 
 @dataclass
 class Handle:
-    file: File
     cached: CachedFile
     readahead: ReadAhead
 
@@ -134,6 +133,7 @@ class EnosFS(pyfuse3.Operations):
         self.stats: Counter[str] = Counter()
         self.readers: Counter[tuple[object, ...]] = Counter()  # open handles per file version
         self.snapshots: dict[int, bytes] = {}  # open control files: what they showed
+        self.lookups: Counter[int] = Counter()  # the kernel's references, per inode
         self.errors: Counter[str] = Counter()  # errno names answered, for /.enosfs/stats
         self.folder_patterns: dict[int, FolderReadAhead] = {}
 
@@ -208,7 +208,9 @@ class EnosFS(pyfuse3.Operations):
         node = await self.ns.lookup(parent, text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self._fresh_attrs(node)
+        attrs = await self._fresh_attrs(node)
+        self.lookups[node.inode] += 1
+        return attrs
 
     @guarded("getattr")
     async def getattr(
@@ -236,12 +238,22 @@ class EnosFS(pyfuse3.Operations):
             name, node = entries[i]
             if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
                 break
+            self.lookups[node.inode] += 1  # readdirplus: the kernel now knows the entry
 
     async def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Nodes stay until their folder's listing drops them: nothing to do."""
+        """The kernel let go of these inodes. A node that no listing shows any more
+        (a file deleted or replaced on the server) can then go too: without this the
+        table of nodes would only ever grow on a long-lived mount."""
+        for inode, n in inode_list:
+            left = self.lookups[inode] - n
+            if left > 0:
+                self.lookups[inode] = left
+                continue
+            self.lookups.pop(inode, None)
+            self.ns.release(inode)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -270,7 +282,7 @@ class EnosFS(pyfuse3.Operations):
             # The kernel's parallel reads of its own window arrive slightly out of order.
             tolerance=max(1024**2, 2 * self.settings.kernel_read_ahead),
         )
-        self.handles[fh] = Handle(node, cached, readahead)
+        self.handles[fh] = Handle(cached, readahead)
         self.readers[cached.key] += 1
         self._folder_read_ahead(node)
         # The kernel may keep its pages only if they are of this same version.

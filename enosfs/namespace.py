@@ -21,7 +21,7 @@ import trio
 
 from enosfs.api import Device, EnosClient, FileFeatures, FileMeta, FileRef, Firmware
 from enosfs.config import CATEGORIES, Settings
-from enosfs.errors import Denied, EnosfsError, NotFound
+from enosfs.errors import Denied, EnosfsError, NotFound, TransportError
 from enosfs.naming import feature_file_name, firmware_file_name, safe_name, settle, uri_id
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Dir(Node):
     hidden: dict[str, Node] = field(default_factory=dict)
     missing: dict[str, float] = field(default_factory=dict)
     loaded_at: float = float("-inf")
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    refreshing: trio.Event | None = None  # set when the refresh under way ends
+    refresh_error: EnosfsError | None = None
     # The files in listing order, for read-ahead across files (see Namespace.siblings).
     order: list[File] = field(default_factory=list)
     position: dict[int, int] = field(default_factory=dict)
@@ -124,6 +125,8 @@ class Namespace:
         self.firmwares: dict[tuple[str, str], tuple[float, list[Firmware]]] = {}
         self._denied_said: set[str] = set()
         self.control: Dir | None = None
+        # Where listings run (the mount's nursery); None: in the caller (tests).
+        self.nursery: trio.Nursery | None = None
         self._meta_limit = trio.Semaphore(META_CONCURRENCY)
 
     # -- nodes ---------------------------------------------------------------------------
@@ -149,25 +152,46 @@ class Namespace:
     # -- listing -------------------------------------------------------------------------
 
     async def children(self, d: Dir) -> dict[str, Node]:
-        """The folder's entries, refreshed when older than the TTL."""
+        """The folder's entries, refreshed when older than the TTL.
+
+        A refresh runs as a task of the mount's own (one per folder, however many
+        callers want it), not in the caller: a caller that gives up at its deadline
+        does not take a half-done listing of a large folder down with it, and the next
+        caller finds it finished.
+        """
         if self.fresh(d):
             assert d.children is not None
             return d.children
-        async with d.lock:
-            if self.fresh(d):
-                assert d.children is not None
-                return d.children
-            try:
-                d.children = await self._list(d)
-            except EnosfsError as exc:
-                if d.children is None:
-                    raise
+        done = d.refreshing
+        if done is None:
+            done = d.refreshing = trio.Event()
+            if self.nursery is not None:
+                self.nursery.start_soon(self._refresh, d, done)
+            else:
+                await self._refresh(d, done)
+        await done.wait()
+        if d.children is None:
+            assert d.refresh_error is not None
+            raise d.refresh_error.with_traceback(None)
+        return d.children
+
+    async def _refresh(self, d: Dir, done: trio.Event) -> None:
+        try:
+            d.children = await self._list(d)
+            d.loaded_at = self.clock()
+            d.refresh_error = None
+        except Exception as exc:
+            if not isinstance(exc, EnosfsError):
+                log.exception("%s: listing failed unexpectedly", d.path)
+                exc = TransportError(f"{d.path}: listing failed ({type(exc).__name__})")
+            d.refresh_error = exc
+            if d.children is not None:
                 log.warning("%s: cannot refresh listing, serving the last one: %s", d.path, exc)
                 # Try again soon, not at every call.
                 d.loaded_at = self.clock() - self.ttl + min(self.ttl, 5.0)
-                return d.children
-            d.loaded_at = self.clock()
-            return d.children
+        finally:
+            d.refreshing = None
+            done.set()
 
     async def lookup(self, d: Dir, name: str) -> Node | None:
         entries = await self.children(d)
@@ -185,6 +209,9 @@ class Namespace:
             return None
         node = await self._lookup_unlisted(d, name)
         if node is None:
+            if len(d.missing) > 1000:
+                now = self.clock()
+                d.missing = {k: t for k, t in d.missing.items() if now - t < self.ttl}
             d.missing[name] = self.clock()
         else:
             d.hidden[name] = node
@@ -478,6 +505,21 @@ class Namespace:
             raise
         self._set_meta(f, meta)
         return meta
+
+    def release(self, inode: int) -> None:
+        """Forget a node the kernel no longer knows, unless a listing still shows it."""
+        node = self.nodes.get(inode)
+        if node is None or node.parent is None or isinstance(node, ControlFile):
+            return
+        d = node.parent
+        listed = d.children is not None and d.children.get(node.name) is node
+        if (
+            listed
+            or d.hidden.get(node.name) is node
+            or (isinstance(node, Dir) and node.kind in ("org", "control"))
+        ):
+            return
+        del self.nodes[inode]
 
     def add_control(self, files: dict[str, Callable[[], bytes]]) -> None:
         """The read-only folder /.enosfs that shows the mount's own state."""

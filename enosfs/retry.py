@@ -71,8 +71,6 @@ def as_enosfs_error(exc: BaseException, what: str) -> EnosfsError:
         return DeadlineError(f"{what}: timed out ({type(exc).__name__})")
     if isinstance(exc, httpx.ConnectError):
         return TransportError(f"{what}: cannot connect: {exc or type(exc).__name__}")
-    if isinstance(exc, httpx.HTTPError):
-        return TransportError(f"{what}: {type(exc).__name__}: {exc}")
     return TransportError(f"{what}: {type(exc).__name__}: {exc}")
 
 
@@ -81,12 +79,10 @@ async def retrying(
     what: str,
     attempt: Callable[[], Awaitable[T]],
     *,
-    deadline: float | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """Run attempt() until it succeeds, fails for good, or the deadline passes."""
-    if deadline is None:
-        deadline = trio.current_time() + policy.timeout
+    deadline = trio.current_time() + policy.timeout
     last: BaseException | None = None
     for n in range(policy.max_attempts):
         try:

@@ -31,6 +31,7 @@ MAX_HEAD = 64 * 1024
 HEAD_READ = 4096
 READ_SIZE = 1024 * 1024
 MAX_IDLE_PER_ORIGIN = 32
+IDLE_EXPIRY = 15.0  # seconds an idle connection is trusted to still be open
 
 Origin = tuple[str, str, int]
 
@@ -40,6 +41,7 @@ class _Connection:
         self.stream = stream
         self.origin = origin
         self.buffer = bytearray()  # bytes read past what was consumed
+        self.idle_since = 0.0
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def receive(self, max_bytes: int, timeout: float) -> bytes:
@@ -133,8 +135,9 @@ class _Body(httpx.AsyncByteStream):
             if not data:
                 raise httpx.RemoteProtocolError("peer closed the connection in chunked framing")
             self.conn.buffer += data
-        line, _, rest = bytes(self.conn.buffer).partition(b"\r\n")
-        self.conn.buffer[:] = rest
+        end = self.conn.buffer.find(b"\r\n")
+        line = bytes(self.conn.buffer[:end])
+        del self.conn.buffer[: end + 2]
         return line
 
     async def _raw(self, timeout: float) -> bytes:
@@ -216,9 +219,23 @@ class LeanTransport(httpx.AsyncBaseTransport):
     def release(self, conn: _Connection) -> None:
         idle = self.idle[conn.origin]
         if len(idle) < MAX_IDLE_PER_ORIGIN:
+            conn.idle_since = trio.current_time()
             idle.append(conn)
         else:
             trio.lowlevel.spawn_system_task(conn.close)
+
+    def _pooled(self, origin: Origin) -> _Connection | None:
+        """The most recently used idle connection, if any is young enough to trust:
+        servers close idle connections after some seconds (nginx 75, uvicorn 5, many
+        gateways 15), and a dead one costs a failed attempt."""
+        idle = self.idle[origin]
+        now = trio.current_time()
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < IDLE_EXPIRY:
+                return conn
+            trio.lowlevel.spawn_system_task(conn.close)
+        return None
 
     async def _connect(self, origin: Origin) -> _Connection:
         scheme, host, port = origin
@@ -266,8 +283,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         try:
             # A pooled connection the server has since closed fails at once: try anew.
             for attempt in range(2):
-                idle = self.idle[origin]
-                conn = idle.pop() if idle else None
+                # The second attempt is on a new connection, never another pooled one.
+                conn = self._pooled(origin) if attempt == 0 else None
                 fresh = conn is None
                 if conn is None:
                     conn = await self._connect(origin)
@@ -293,32 +310,14 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise httpx.WriteTimeout("timed out sending the request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.WriteError(f"connection broken: {exc}") from None
-        raw = bytearray()
-        while b"\r\n\r\n" not in raw:
-            if len(raw) > MAX_HEAD:
-                raise httpx.RemoteProtocolError("response head too large")
-            # Small reads: the head is short, and body bytes read with it must be copied
-            # out of this buffer again.
-            data = await conn.receive(HEAD_READ, self.read_timeout)
-            if not data:
-                raise httpx.RemoteProtocolError("server closed the connection without answering")
-            raw += data
-        head_bytes, _, rest = bytes(raw).partition(b"\r\n\r\n")
-        conn.buffer[:] = rest
-        lines = head_bytes.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise httpx.RemoteProtocolError(f"bad status line {lines[0][:60]!r}")
-        status = int(parts[1])
-        headers: list[tuple[bytes, bytes]] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise httpx.RemoteProtocolError("bad header line")
-            headers.append((name.strip(), value.strip()))
+        while True:
+            version, status, headers = await self._read_head(conn)
+            # 1xx answers (100 Continue, 103 Early Hints) come before the real one.
+            if not 100 <= status < 200 or status == 101:
+                break
         hmap = {k.lower(): v for k, v in headers}
-        reusable = parts[0] == b"HTTP/1.1" and hmap.get(b"connection", b"").lower() != b"close"
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        reusable = version == b"HTTP/1.1" and hmap.get(b"connection", b"").lower() != b"close"
+        if method == "HEAD" or status in (204, 304) or status == 101:
             framing, length = "length", 0
         elif b"chunked" in hmap.get(b"transfer-encoding", b"").lower():
             framing, length = "chunked", None
@@ -335,8 +334,33 @@ class LeanTransport(httpx.AsyncBaseTransport):
             status,
             headers=headers,
             stream=body,
-            extensions={"http_version": parts[0], "readinto": body.readinto},
+            extensions={"http_version": version, "readinto": body.readinto},
         )
+
+    async def _read_head(self, conn: _Connection) -> tuple[bytes, int, list[tuple[bytes, bytes]]]:
+        raw = bytearray()
+        while b"\r\n\r\n" not in raw:
+            if len(raw) > MAX_HEAD:
+                raise httpx.RemoteProtocolError("response head too large")
+            # Small reads: the head is short, and body bytes read with it must be copied
+            # out of this buffer again.
+            data = await conn.receive(HEAD_READ, self.read_timeout)
+            if not data:
+                raise httpx.RemoteProtocolError("server closed the connection without answering")
+            raw += data
+        head_bytes, _, rest = bytes(raw).partition(b"\r\n\r\n")
+        conn.buffer[:0] = rest  # unread bytes go back in front of what is buffered
+        lines = head_bytes.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise httpx.RemoteProtocolError(f"bad status line {lines[0][:60]!r}")
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise httpx.RemoteProtocolError("bad header line")
+            headers.append((name.strip(), value.strip()))
+        return parts[0], int(parts[1]), headers
 
     async def aclose(self) -> None:
         for conns in self.idle.values():
@@ -356,7 +380,8 @@ def _request_head(
     if not any(name.lower() == b"host" for name, _ in headers):
         scheme, host, port = origin
         default = 443 if scheme == "https" else 80
-        lines.append(b"Host: " + (host if port == default else f"{host}:{port}").encode())
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        lines.append(b"Host: " + (name if port == default else f"{name}:{port}").encode())
     for name, value in headers:
         lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -107,6 +107,7 @@ class Soak:
         self.wrong: list[str] = []
         self.hangs: list[str] = []
         self.phases: list[str] = []
+        self.fired: Counter[str] = Counter()
 
     def blob_path(self, blob: dict[str, Any]) -> Path:
         return self.data_dir / "blobs" / hashlib.sha256(blob["uri"].encode()).hexdigest()[:32]
@@ -192,15 +193,16 @@ class Soak:
                 # Every set in turn, in a shuffled order, so a short soak still sees all.
                 name, faults, switches = order[turn % len(order)]
                 turn += 1
+                self.fired.update(admin.get("/faults").json()["fired"])
                 admin.post("/switches", json={**defaults, **switches})
                 admin.post("/faults", json={"faults": faults, "seed": rnd.randrange(1 << 30)})
                 if name == "tokens":
                     admin.post("/tokens/revoke")
                 self.phases.append(name)
                 time.sleep(min(rnd.uniform(2, 4), max(0.0, self.until - time.monotonic())))
+            self.fired.update(admin.get("/faults").json()["fired"])
             admin.delete("/faults")
             admin.post("/switches", json=defaults)
-            self.fired = admin.get("/faults").json()["fired"]
 
     def run(self) -> None:
         threads = [threading.Thread(target=self.reader, args=(i,)) for i in range(self.readers)]
@@ -270,7 +272,7 @@ def main() -> int:
                 mount.kill()
         stop_process(emu)
     text = log.read_text(errors="replace")
-    retries = re.findall(r"retries (\d+)", text)
+    retries = re.findall(r'"retries": (\d+)', text)
     report = {
         "seconds": args.seconds,
         "readers": args.readers,
@@ -284,7 +286,7 @@ def main() -> int:
         "hangs": len(soak.hangs),
         "mount_stayed_up": alive,
         "fault_phases": Counter(soak.phases),
-        "faults_fired": getattr(soak, "fired", {}),
+        "faults_fired": dict(soak.fired),
         "examples": {"wrong": soak.wrong[:5], "hangs": soak.hangs[:5]},
     }
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -5,8 +5,10 @@ Everything started here is ended here, by PID, and every mount is unmounted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -209,3 +211,18 @@ def demo_files(emu: Emulator) -> dict[str, str]:
                 name = firmware_file_name(fw["name"], fw["version"], fw["file_uri"])
                 out[f"{d['asset_id']}/ota/{name}"] = fw["file_uri"]
     return out
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for an unreachable server, or a fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

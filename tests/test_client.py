@@ -19,7 +19,7 @@ from enosfs.config import Secret
 from enosfs.errors import AuthError, InvalidArgument, NotFound, TransportError
 from enosfs.mount import http_client, lean_transport
 from enosfs.retry import RetryPolicy
-from tests.support import Emulator, demo_files, emulator
+from tests.support import Emulator, demo_files, emulator, free_port
 
 
 @asynccontextmanager
@@ -143,11 +143,7 @@ async def test_unknown_app_key(emu: Emulator) -> None:
 
 
 async def test_unreachable_gateway_fails_promptly() -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     async with httpx.AsyncClient() as http:
         tokens = TokenSource(
             http, f"http://127.0.0.1:{port}", "k", Secret("s"), policy=RetryPolicy(timeout=2)

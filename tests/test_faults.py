@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,9 @@ from tests.support import (
     Emulator,
     demo_files,
     emulator,
+    free_port,
     is_mounted,
+    md5,
     mounted,
     run,
     secret_env,
@@ -30,14 +31,6 @@ from tests.support import (
 BIG = "WTG-001/feature/vibration_raw.bin"
 CSV = "WTG-002/feature/scada_export.csv"
 FAST = '[network]\ntimeout = "2s"\n'  # every fault test has a short deadline
-
-
-def md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_range(path: Path, off: int, n: int) -> bytes:
@@ -182,23 +175,25 @@ def test_server_ignoring_range_still_gives_correct_bytes(emu: Emulator, work: Pa
 @pytest.mark.parametrize(
     ("status", "code", "want"),
     [
-        (200, 99500, errno.EIO),
-        (500, 99500, errno.EIO),
-        (200, 99404, errno.ENOENT),
-        (404, 99404, errno.ENOENT),
-        (200, 99403, errno.EACCES),
-        (400, 99400, errno.EIO),
+        # 99500 is retried until the deadline: then EIO, or ETIMEDOUT if the deadline
+        # struck during an attempt.
+        (200, 99500, {errno.EIO, errno.ETIMEDOUT}),
+        (500, 99500, {errno.EIO, errno.ETIMEDOUT}),
+        (200, 99404, {errno.ENOENT}),
+        (404, 99404, {errno.ENOENT}),
+        (200, 99403, {errno.EACCES}),
+        (400, 99400, {errno.EIO}),
     ],
 )
 def test_an_error_envelope_is_never_served_as_content(
-    emu: Emulator, work: Path, status: int, code: int, want: int
+    emu: Emulator, work: Path, status: int, code: int, want: set[int]
 ) -> None:
     with mounted(work, emu, FAST) as m:
         path = m.org / "WTG-001/feature/model_file.json"
         path.stat()
         emu.faults({"kind": "envelope", "status": status, "code": code, "match": "files.download"})
         start = time.monotonic()
-        assert errno_of_read(path) == want
+        assert errno_of_read(path) in want
         assert time.monotonic() - start < 2 + 1 + 1
 
 
@@ -290,12 +285,6 @@ def test_malformed_answers_are_errors_not_crashes(emu: Emulator, work: Path, kin
 
 
 # -- the backend goes away and comes back ----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_backend_down_then_back(demo_emu: Emulator, work: Path) -> None:

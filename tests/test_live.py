@@ -4,12 +4,10 @@ the way Linux mounts things (-o options, mount -t fuse.enosfs, fstab-style helpe
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,9 @@ from enosfs.options import parse_options
 from tests.support import (
     Emulator,
     demo_files,
+    free_port,
     is_mounted,
+    md5,
     mounted,
     run,
     secret_env,
@@ -32,14 +32,6 @@ from tests.support import (
 
 CSV = "WTG-002/feature/scada_export.csv"
 BIG = "WTG-001/feature/vibration_raw.bin"
-
-
-def md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def stats_of(m: Path) -> dict:
@@ -107,8 +99,20 @@ def test_a_second_mount_on_a_cache_dir_in_use_fails_clearly(emu: Emulator, work:
         other.mkdir()
         cfg = write_config(work / "c2.toml", emu)
         for args in (["-f"], []):
-            out = run(sys.executable, "-m", "enosfs", "mount", *args, "--config", cfg,
-                      "--cache-dir", cache, other, env=secret_env(emu.app_secret), timeout=60)
+            out = run(
+                sys.executable,
+                "-m",
+                "enosfs",
+                "mount",
+                *args,
+                "--config",
+                cfg,
+                "--cache-dir",
+                cache,
+                other,
+                env=secret_env(emu.app_secret),
+                timeout=60,
+            )
             assert out.returncode == 1
             lines = out.stderr.strip().splitlines()
             assert len(lines) == 1 and "in use by another enosfs mount" in lines[0]
@@ -206,8 +210,19 @@ def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
         out = run(sys.executable, "-m", "enosfs", "stats", m.path)
         assert out.returncode == 0
         assert "hit ratio" in out.stdout and "downloaded" in out.stdout
-        out = run(sys.executable, "-m", "enosfs", "stats", m.path, "--watch", "--count", "3",
-                  "--interval", "0.2", timeout=30)
+        out = run(
+            sys.executable,
+            "-m",
+            "enosfs",
+            "stats",
+            m.path,
+            "--watch",
+            "--count",
+            "3",
+            "--interval",
+            "0.2",
+            timeout=30,
+        )
         assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 3
         out = run(sys.executable, "-m", "enosfs", "stats", m.path, "--json")
         assert json.loads(out.stdout)["mountpoint"] == str(m.path)
@@ -215,16 +230,9 @@ def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
     assert out.returncode == 1 and "not an enosfs mount" in out.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_prometheus_metrics_and_json_logs(emu: Emulator, work: Path) -> None:
     port = free_port()
-    with mounted(work, emu, "", "--metrics-addr", f"127.0.0.1:{port}",
-                 "--log-format", "json") as m:
+    with mounted(work, emu, "", "--metrics-addr", f"127.0.0.1:{port}", "--log-format", "json") as m:
         (m.org / CSV).read_bytes()
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert 'enosfs_requests_total{kind="files.download"}' in text
@@ -238,17 +246,30 @@ def test_prometheus_metrics_and_json_logs(emu: Emulator, work: Path) -> None:
 
 
 def test_o_options() -> None:
-    opts = parse_options(["ro,allow_other,cache_dir=/var/cache/x,cache_size=2G,_netdev",
-                          "nofail,noauto,x-systemd.automount,memory=64MiB,metadata_ttl=5s"])
-    assert opts.settings == {"allow_other": True, "cache_dir": "/var/cache/x",
-                             "disk_size": 2_000_000_000, "cache_memory": 64 * 1024 * 1024,
-                             "metadata_ttl": 5.0}
-    base = settings_from_dict({"enos": {"gateway": "http://x", "app_key": "k"},
-                               "org": [{"id": "o"}]}, {"ENOSFS_APP_SECRET": "s"})
+    opts = parse_options(
+        [
+            "ro,allow_other,cache_dir=/var/cache/x,cache_size=2G,_netdev",
+            "nofail,noauto,x-systemd.automount,memory=64MiB,metadata_ttl=5s",
+        ]
+    )
+    assert opts.settings == {
+        "allow_other": True,
+        "cache_dir": "/var/cache/x",
+        "disk_size": 2_000_000_000,
+        "cache_memory": 64 * 1024 * 1024,
+        "metadata_ttl": 5.0,
+    }
+    base = settings_from_dict(
+        {"enos": {"gateway": "http://x", "app_key": "k"}, "org": [{"id": "o"}]},
+        {"ENOSFS_APP_SECRET": "s"},
+    )
     s = opts.apply(base)
     assert s.allow_other and s.cache_memory == 64 * 1024 * 1024 and s.read_ahead == 16 << 20
-    for bad, message in (("colour=blue", "unknown mount option 'colour'"),
-                         ("cache_size", "needs a value"), ("block_size=3k", "power of two")):
+    for bad, message in (
+        ("colour=blue", "unknown mount option 'colour'"),
+        ("cache_size", "needs a value"),
+        ("block_size=3k", "power of two"),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_options([bad]).apply(base)
 
@@ -267,14 +288,25 @@ def test_mount_t_fuse_enosfs_through_the_helper(emu: Emulator, work: Path) -> No
         mnt = work / "native"
         mnt.mkdir()
         cfg = write_config(work / "c.toml", emu)
-        out = run("mount", "-t", "fuse.enosfs", cfg, mnt, "-o",
-                  "_netdev,nofail,allow_other,memory=64MiB", env=secret_env(emu.app_secret),
-                  timeout=60)
+        out = run(
+            "mount",
+            "-t",
+            "fuse.enosfs",
+            cfg,
+            mnt,
+            "-o",
+            "_netdev,nofail,allow_other,memory=64MiB",
+            env=secret_env(emu.app_secret),
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         try:
             assert is_mounted(mnt)
-            line = next(ln for ln in Path("/proc/mounts").read_text().splitlines()
-                        if ln.split()[1] == str(mnt))
+            line = next(
+                ln
+                for ln in Path("/proc/mounts").read_text().splitlines()
+                if ln.split()[1] == str(mnt)
+            )
             assert line.split()[2] == "fuse.enosfs" and "allow_other" in line
             assert (mnt / emu.org / "WTG-001").is_dir()
         finally:
@@ -290,8 +322,16 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
     mnt = work / "mnt"
     mnt.mkdir()
     cfg = write_config(work / "c.toml", emu)
-    out = run(sys.executable, "-m", "enosfs", "mount", "--config", cfg, mnt,
-              env=secret_env(emu.app_secret))
+    out = run(
+        sys.executable,
+        "-m",
+        "enosfs",
+        "mount",
+        "--config",
+        cfg,
+        mnt,
+        env=secret_env(emu.app_secret),
+    )
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split("(pid ")[1].split(")")[0])
     os.kill(pid, signal.SIGKILL)
@@ -302,8 +342,16 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
         os.listdir(mnt)
     assert info.value.errno == errno.ENOTCONN
     try:
-        out = run(sys.executable, "-m", "enosfs", "mount", "--config", cfg, mnt,
-                  env=secret_env(emu.app_secret))
+        out = run(
+            sys.executable,
+            "-m",
+            "enosfs",
+            "mount",
+            "--config",
+            cfg,
+            mnt,
+            env=secret_env(emu.app_secret),
+        )
         assert out.returncode == 0, out.stderr
         assert "dead FUSE mount" in out.stderr and "cleaned it up" in out.stderr
         assert (mnt / emu.org).is_dir()

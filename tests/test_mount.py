@@ -21,6 +21,7 @@ from tests.support import (
     Emulator,
     demo_files,
     emulator,
+    free_port,
     is_mounted,
     mounted,
     run,
@@ -252,11 +253,7 @@ def test_bad_input_is_one_line_and_nothing_mounted(
     elif case == "unknown-org":
         cfg.write_text(cfg.read_text().replace(emu.org, "o-unknown"))
     elif case == "unreachable":
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         cfg.write_text(
             cfg.read_text().replace(emu.url, f"http://127.0.0.1:{port}")
             + "[network]\ntimeout = 3\n"

@@ -1,0 +1,103 @@
+"""The lean HTTP/1.1 transport against a raw server on loopback that answers in the
+ways a real server may: chunked bodies, bodies until close, 1xx answers first, dropped
+idle connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import httpx
+import trio
+
+from enosfs.transport import LeanTransport
+
+BODY = bytes(range(256)) * 4000  # ~1 MB
+
+
+async def _answer(stream: trio.SocketStream, head: bytes) -> None:
+    path = head.split(b" ", 2)[1]
+    if path == b"/chunked":
+        parts = [BODY[:1000], BODY[1000:700_000], BODY[700_000:]]
+        out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for p in parts:
+            out += f"{len(p):x};ext=1\r\n".encode() + p + b"\r\n"
+        out += b"0\r\nX-Trailer: yes\r\n\r\n"
+        await stream.send_all(out)
+    elif path == b"/early":
+        await stream.send_all(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    elif path == b"/close":
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY)
+        raise EOFError  # close after the body
+    elif path == b"/once":
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        raise EOFError  # the server drops the connection it said it would keep
+    else:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+
+
+@asynccontextmanager
+async def raw_server() -> AsyncIterator[tuple[int, list[int]]]:
+    connections: list[int] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                await _answer(stream, head)
+        except (EOFError, trio.BrokenResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield port, connections
+        nursery.cancel_scope.cancel()
+
+
+async def test_framings_and_early_answers() -> None:
+    async with raw_server() as (port, _), httpx.AsyncClient(transport=LeanTransport()) as c:
+        base = f"http://127.0.0.1:{port}"
+        assert (await c.get(f"{base}/chunked")).content == BODY
+        r = await c.get(f"{base}/early")
+        assert (r.status_code, r.content) == (200, b"hello")
+        assert (await c.get(f"{base}/close")).content == BODY
+        assert (await c.get(f"{base}/plain")).content == BODY
+
+
+async def test_readinto_fills_caller_buffers() -> None:
+    async with raw_server() as (port, _), httpx.AsyncClient(transport=LeanTransport()) as c:
+        for path in ("/plain", "/chunked"):
+            async with c.stream("GET", f"http://127.0.0.1:{port}{path}") as r:
+                readinto = r.extensions["readinto"]
+                buf = bytearray(len(BODY) + 10)
+                view = memoryview(buf)
+                got = 0
+                while n := await readinto(view[got:]):
+                    got += n
+                assert bytes(buf[:got]) == BODY
+
+
+async def test_connections_are_reused_and_dead_ones_replaced() -> None:
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=LeanTransport()) as c:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(5):
+            assert (await c.get(f"{base}/plain")).content == BODY
+        assert len(conns) == 1
+        # The server closes the connection after this answer; the next request finds
+        # the pooled connection dead and goes on a new one, without an error.
+        assert (await c.get(f"{base}/once")).content == b"ok"
+        await trio.sleep(0.05)
+        assert (await c.get(f"{base}/plain")).content == BODY
+        assert len(conns) == 2
