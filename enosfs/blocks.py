@@ -329,9 +329,8 @@ class BlockCache:
             if not self._missing(f, index):
                 index += 1
                 continue
-            disk_key = self._disk_key(f, index)
-            if disk_key is not None and self.disk is not None and self.disk.has(disk_key):
-                self.nursery.start_soon(self._load, f, index, self._claim(f, index), disk_key)
+            if self._on_disk(f, index):
+                self.nursery.start_soon(self._load, f, index, self._claim(f, index))
                 index += 1
                 continue
             run_start = index
@@ -364,9 +363,10 @@ class BlockCache:
         key = self._disk_key(f, index)
         return key is not None and self.disk is not None and self.disk.has(key)
 
-    async def _load(self, f: CachedFile, index: int, flight: Flight, key: str) -> None:
+    async def _load(self, f: CachedFile, index: int, flight: Flight) -> None:
         """A block from the disk cache; from the network if it is not intact there."""
-        assert self.disk is not None
+        key = self._disk_key(f, index)
+        assert self.disk is not None and key is not None
         try:
             data = await self.disk.get(key, flight.size)
         except Exception:

@@ -62,6 +62,9 @@ def snapshot(p: Parts) -> dict[str, Any]:
             "files_changed": s["changed"],
             "resumes": s["resumes"],
             "read_ahead_clipped": s["readahead_clipped"],
+            "split_fetches": s["split_fetches"],
+            "failed_fast": s["failed_fast"],
+            "reused_buffers": s["reused_buffers"],
         }
         doc["in_flight"] = {"blocks": len(cache.flights), "bytes": cache.inflight}
     if p.disk is not None:
