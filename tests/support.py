@@ -192,6 +192,11 @@ def run(*cmd: str | Path, timeout: float = 120, **kw: Any) -> subprocess.Complet
     )
 
 
+def enosfs(*args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run the enosfs command as a user would (python -m enosfs ...)."""
+    return run(sys.executable, "-m", "enosfs", *args, **kw)
+
+
 def demo_files(emu: Emulator) -> dict[str, str]:
     """Relative path under the org folder -> fileUri, from the emulator's state."""
     from enosfs.naming import feature_file_name, firmware_file_name

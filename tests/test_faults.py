@@ -9,7 +9,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.support import (
     Emulator,
     demo_files,
     emulator,
+    enosfs,
     free_port,
     is_mounted,
     md5,
@@ -503,7 +503,7 @@ def test_ten_thousand_assets_are_paged(
 
 
 def test_config_that_is_a_folder(work: Path) -> None:
-    out = run(sys.executable, "-m", "enosfs", "mount", "--config", work, work / "m")
+    out = enosfs("mount", "--config", work, work / "m")
     assert out.returncode == 1 and "cannot read" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -514,10 +514,7 @@ def test_bad_mountpoints(emu: Emulator, work: Path, case: str) -> None:
     if case == "not-a-dir":
         target = work / "file"
         target.write_text("x")
-        out = run(
-            sys.executable,
-            "-m",
-            "enosfs",
+        out = enosfs(
             "mount",
             "--config",
             cfg,
@@ -527,10 +524,7 @@ def test_bad_mountpoints(emu: Emulator, work: Path, case: str) -> None:
         assert out.returncode == 1 and "not a directory" in out.stderr
         return
     with mounted(work, emu) as m:
-        out = run(
-            sys.executable,
-            "-m",
-            "enosfs",
+        out = enosfs(
             "mount",
             "--config",
             cfg,
@@ -607,10 +601,7 @@ def test_tls_is_verified_and_a_private_ca_can_be_named(demo_emu: Emulator, work:
         assert emu.url.startswith("https://")
         cfg = write_config(work / "c.toml", emu)
         (work / "m1").mkdir()
-        out = run(
-            sys.executable,
-            "-m",
-            "enosfs",
+        out = enosfs(
             "mount",
             "-f",
             "--config",

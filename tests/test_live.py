@@ -21,6 +21,7 @@ from enosfs.options import parse_options
 from tests.support import (
     Emulator,
     demo_files,
+    enosfs,
     free_port,
     is_mounted,
     md5,
@@ -99,10 +100,7 @@ def test_a_second_mount_on_a_cache_dir_in_use_fails_clearly(emu: Emulator, work:
         other.mkdir()
         cfg = write_config(work / "c2.toml", emu)
         for args in (["-f"], []):
-            out = run(
-                sys.executable,
-                "-m",
-                "enosfs",
+            out = enosfs(
                 "mount",
                 *args,
                 "--config",
@@ -150,16 +148,16 @@ def test_a_small_file_with_wrong_bytes_is_eio_never_served(emu: Emulator, work: 
 def test_verify_exit_codes(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         folder = m.org / "WTG-001"
-        out = run(sys.executable, "-m", "enosfs", "verify", folder, timeout=300)
+        out = enosfs("verify", folder, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "0 mismatched" in out.stdout and "OK" in out.stdout
         assert "without a digest" in out.stdout
         # Corrupt the bytes the large file is served with: verify catches it.
         emu.faults({"kind": "corrupt", "after": 5000, "match": "files.download"})
-        out = run(sys.executable, "-m", "enosfs", "verify", m.org / BIG, timeout=300)
+        out = enosfs("verify", m.org / BIG, timeout=300)
         assert out.returncode == 1
         assert "MISMATCH" in out.stdout and "1 mismatched" in out.stdout
-    out = run(sys.executable, "-m", "enosfs", "verify", work / "nothing-here")
+    out = enosfs("verify", work / "nothing-here")
     assert out.returncode == 1 and "no such file" in out.stderr
 
 
@@ -207,13 +205,10 @@ def test_stats_move_as_reads_happen(emu: Emulator, work: Path) -> None:
 def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         (m.org / CSV).read_bytes()
-        out = run(sys.executable, "-m", "enosfs", "stats", m.path)
+        out = enosfs("stats", m.path)
         assert out.returncode == 0
         assert "hit ratio" in out.stdout and "downloaded" in out.stdout
-        out = run(
-            sys.executable,
-            "-m",
-            "enosfs",
+        out = enosfs(
             "stats",
             m.path,
             "--watch",
@@ -224,9 +219,9 @@ def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
             timeout=30,
         )
         assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 3
-        out = run(sys.executable, "-m", "enosfs", "stats", m.path, "--json")
+        out = enosfs("stats", m.path, "--json")
         assert json.loads(out.stdout)["mountpoint"] == str(m.path)
-    out = run(sys.executable, "-m", "enosfs", "stats", work)
+    out = enosfs("stats", work)
     assert out.returncode == 1 and "not an enosfs mount" in out.stderr
 
 
@@ -322,10 +317,7 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
     mnt = work / "mnt"
     mnt.mkdir()
     cfg = write_config(work / "c.toml", emu)
-    out = run(
-        sys.executable,
-        "-m",
-        "enosfs",
+    out = enosfs(
         "mount",
         "--config",
         cfg,
@@ -342,10 +334,7 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
         os.listdir(mnt)
     assert info.value.errno == errno.ENOTCONN
     try:
-        out = run(
-            sys.executable,
-            "-m",
-            "enosfs",
+        out = enosfs(
             "mount",
             "--config",
             cfg,
@@ -356,5 +345,5 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
         assert "dead FUSE mount" in out.stderr and "cleaned it up" in out.stderr
         assert (mnt / emu.org).is_dir()
     finally:
-        run(sys.executable, "-m", "enosfs", "umount", mnt)
+        enosfs("umount", mnt)
     assert not is_mounted(mnt)

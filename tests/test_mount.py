@@ -9,7 +9,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -21,6 +20,7 @@ from tests.support import (
     Emulator,
     demo_files,
     emulator,
+    enosfs,
     free_port,
     is_mounted,
     mounted,
@@ -199,10 +199,7 @@ def test_background_mount_then_umount(emu: Emulator, work: Path) -> None:
     mnt = work / "bg"
     mnt.mkdir()
     cfg = write_config(work / "c.toml", emu)
-    out = run(
-        sys.executable,
-        "-m",
-        "enosfs",
+    out = enosfs(
         "mount",
         "--config",
         cfg,
@@ -216,7 +213,7 @@ def test_background_mount_then_umount(emu: Emulator, work: Path) -> None:
         assert (mnt / emu.org / "WTG-003" / "ota").is_dir()
         assert emu.app_secret not in Path(f"/proc/{pid}/cmdline").read_text()
     finally:
-        done = run(sys.executable, "-m", "enosfs", "umount", mnt)
+        done = enosfs("umount", mnt)
     assert done.returncode == 0, done.stderr
     assert not is_mounted(mnt)
     deadline = time.monotonic() + 20
@@ -262,10 +259,7 @@ def test_bad_input_is_one_line_and_nothing_mounted(
         (mnt / "file").write_text("x")
     started = time.monotonic()
     for args in (["-f"], []):
-        out = run(
-            sys.executable,
-            "-m",
-            "enosfs",
+        out = enosfs(
             "mount",
             *args,
             "--config",
