@@ -197,6 +197,15 @@ def enosfs(*args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
     return run(sys.executable, "-m", "enosfs", *args, **kw)
 
 
+def background_mount(
+    cfg: Path, mnt: Path, emu: Emulator
+) -> tuple[subprocess.CompletedProcess[str], int | None]:
+    """`enosfs mount` without -f, as a user runs it: its answer and the daemon's pid."""
+    out = enosfs("mount", "--config", cfg, mnt, env=secret_env(emu.app_secret))
+    pid = int(out.stdout.split("(pid ")[1].split(")")[0]) if "(pid " in out.stdout else None
+    return out, pid
+
+
 def demo_files(emu: Emulator) -> dict[str, str]:
     """Relative path under the org folder -> fileUri, from the emulator's state."""
     from enosfs.naming import feature_file_name, firmware_file_name

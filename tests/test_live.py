@@ -20,6 +20,7 @@ from enosfs.errors import ConfigError
 from enosfs.options import parse_options
 from tests.support import (
     Emulator,
+    background_mount,
     demo_files,
     enosfs,
     free_port,
@@ -317,15 +318,8 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
     mnt = work / "mnt"
     mnt.mkdir()
     cfg = write_config(work / "c.toml", emu)
-    out = enosfs(
-        "mount",
-        "--config",
-        cfg,
-        mnt,
-        env=secret_env(emu.app_secret),
-    )
-    assert out.returncode == 0, out.stderr
-    pid = int(out.stdout.split("(pid ")[1].split(")")[0])
+    out, pid = background_mount(cfg, mnt, emu)
+    assert out.returncode == 0 and pid, out.stderr
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -334,13 +328,7 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
         os.listdir(mnt)
     assert info.value.errno == errno.ENOTCONN
     try:
-        out = enosfs(
-            "mount",
-            "--config",
-            cfg,
-            mnt,
-            env=secret_env(emu.app_secret),
-        )
+        out, _ = background_mount(cfg, mnt, emu)
         assert out.returncode == 0, out.stderr
         assert "dead FUSE mount" in out.stderr and "cleaned it up" in out.stderr
         assert (mnt / emu.org).is_dir()

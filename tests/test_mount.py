@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import (
     Emulator,
+    background_mount,
     demo_files,
     emulator,
     enosfs,
@@ -199,17 +200,10 @@ def test_background_mount_then_umount(emu: Emulator, work: Path) -> None:
     mnt = work / "bg"
     mnt.mkdir()
     cfg = write_config(work / "c.toml", emu)
-    out = enosfs(
-        "mount",
-        "--config",
-        cfg,
-        mnt,
-        env=secret_env(emu.app_secret),
-    )
+    out, pid = background_mount(cfg, mnt, emu)
     try:
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 0 and pid, out.stderr
         assert is_mounted(mnt)
-        pid = int(out.stdout.split("(pid ")[1].split(")")[0])
         assert (mnt / emu.org / "WTG-003" / "ota").is_dir()
         assert emu.app_secret not in Path(f"/proc/{pid}/cmdline").read_text()
     finally:
