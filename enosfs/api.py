@@ -32,6 +32,7 @@ from enosfs.errors import (
     TokenRejected,
     error_for_code,
 )
+from enosfs.jsonbody import read_capped
 from enosfs.naming import uri_id
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.transport import LeanTransport, origin_of
@@ -67,6 +68,16 @@ class FileRef:
         }
 
 
+INT64_MAX = 2**63 - 1
+# The latest time, in ms, whose nanoseconds still fit a file time (int64): year 2262.
+MAX_TIME_MS = INT64_MAX // 1_000_000
+
+
+class BadRecord(ProtocolError):
+    """One file's metadata cannot be represented (a size beyond what a file can hold, a
+    negative or fractional one): it costs that file, never the folder it sits in."""
+
+
 @dataclass(frozen=True)
 class FileMeta:
     """What is known of a file's content. size None: the server would not say."""
@@ -79,6 +90,12 @@ class FileMeta:
     sign_method: str | None = None
     sign: str | None = None
     etag: str | None = None  # from a Range probe, where there is no digest to go by
+
+    def __post_init__(self) -> None:
+        # Checked here, not only where JSON is parsed: a probe's Content-Range can be
+        # just as wrong, and one impossible size must not reach the kernel.
+        if self.size is not None and not 0 <= self.size <= INT64_MAX:
+            raise BadRecord(f"{uri_id(self.uri)}: size {_shown(self.size)} is not a file size")
 
     @property
     def version(self) -> tuple[int | None, str | None]:
@@ -158,6 +175,25 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+def _size(value: Any) -> int | None:
+    """A byte count a file can have, or None."""
+    n = _int(value)
+    return n if n is not None and 0 <= n <= INT64_MAX else None
+
+
+def _time_ms(value: Any) -> int | None:
+    """A createTime a file time can show (1970 to 2262), or None: the mount's own time
+    is shown instead of failing the folder."""
+    n = _int(value)
+    return n if n is not None and 0 <= n <= MAX_TIME_MS else None
+
+
+def _shown(value: Any) -> str:
+    """A value from the server, short enough for one log line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_device(d: Any) -> Device | None:
     if not isinstance(d, dict) or not isinstance(d.get("assetId"), str) or not d["assetId"]:
         return None
@@ -169,7 +205,7 @@ def parse_device(d: Any) -> Device | None:
         name=_i18n(d.get("deviceName")),
         model_id=_str(d.get("modelId")),
         attributes=attrs if isinstance(attrs, dict) else {},
-        create_time_ms=_int(d.get("createTime")),
+        create_time_ms=_time_ms(d.get("createTime")),
     )
 
 
@@ -182,26 +218,30 @@ def parse_firmware(f: Any, product_key: str = "") -> Firmware | None:
         name=_i18n(f.get("name")) or _str(f.get("firmwareId")),
         version=_str(f.get("version")),
         url=f["fileUrl"],
-        size=_int(f.get("fileSize")),
+        # An impossible size is as good as none: getFileInfo is asked instead.
+        size=_size(f.get("fileSize")),
         sign_method=_str(f.get("signMethod")).lower() or None,
         sign=_str(f.get("sign")).lower() or None,
-        create_time_ms=_int(f.get("createTime")),
+        create_time_ms=_time_ms(f.get("createTime")),
     )
 
 
 def parse_file_meta(uri: str, d: Any) -> FileMeta:
     if not isinstance(d, dict):
         raise ProtocolError(f"getFileInfo {uri_id(uri)}: answer has no data")
-    size = _int(d.get("fileSize"))
-    if size is None or size < 0:
+    raw = d.get("fileSize")
+    if raw is None:
         raise ProtocolError(f"getFileInfo {uri_id(uri)}: answer has no valid fileSize")
+    size = _size(raw)
+    if size is None:
+        raise BadRecord(f"getFileInfo {uri_id(uri)}: fileSize {_shown(raw)} is not a file size")
     md5 = _str(d.get("md5")).lower() or None
     return FileMeta(
         uri=uri,
         size=size,
         md5=md5 if md5 and re.fullmatch(r"[0-9a-f]{32}", md5) else None,
         original_name=_str(d.get("originalFilename")) or None,
-        create_time_ms=_int(d.get("createTime")),
+        create_time_ms=_time_ms(d.get("createTime")),
         sign_method=_str(d.get("signMethod")).lower() or None,
         sign=_str(d.get("sign")).lower() or None,
     )
@@ -417,21 +457,23 @@ class EnosClient:
 
         async def send(token: str) -> dict[str, Any]:
             self.requests[kind] += 1
-            resp = await self.http.request(
+            # Streamed, so that an answer past MAX_JSON is refused without buffering it.
+            async with self.http.stream(
                 method,
                 url,
                 params=params,
                 json=body,
                 headers={"apim-accesstoken": token},
-            )
+            ) as resp:
+                content = await read_capped(resp, what)
             if resp.status_code == 429:
                 raise RateLimited(
-                    _message(resp.content) or "rate limit exceeded",
+                    _message(content) or "rate limit exceeded",
                     _retry_after(resp),
                     http_status=429,
                     what=what,
                 )
-            doc = check_envelope(resp.status_code, resp.content, what)
+            doc = check_envelope(resp.status_code, content, what)
             assert doc is not None
             return doc
 

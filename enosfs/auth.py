@@ -7,6 +7,7 @@ token they call `rejected()`, and however many do so, the owner refreshes once.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -14,8 +15,16 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from enosfs.config import Secret
-from enosfs.errors import ApiError, AuthError, EnosfsError, ProtocolError, ServerError
+from enosfs.config import Secret, read_secret_file
+from enosfs.errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    EnosfsError,
+    ProtocolError,
+    ServerError,
+)
+from enosfs.jsonbody import read_capped
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.signature import token_signature
 
@@ -30,6 +39,12 @@ _REPLAYED = 1001
 _TOKEN_GONE = {1203, 1204}
 _SERVER = {1005}
 _RETRY_AFTER_AUTH_FAILURE = 60.0
+# While the credentials are refused, the secret file is looked at this often, so that
+# a rotated secret written there is used within about this long.
+_SECRET_FILE_POLL = 1.0
+# A token must live at least a second and at most a year: anything else is a token
+# service gone wrong, and a mount built on it would fail later and for the wrong reason.
+_MAX_LIFETIME = 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -54,11 +69,13 @@ class TokenSource:
         *,
         refresh_margin: float = 600.0,
         policy: RetryPolicy | None = None,
+        secret_file: str | None = None,
     ) -> None:
         self._http = http
         self._gateway = gateway.rstrip("/")
         self._app_key = app_key
         self._secret = app_secret
+        self._secret_file = secret_file
         self._margin = refresh_margin
         self._policy = policy or RetryPolicy()
         self._token: Token | None = None
@@ -132,7 +149,7 @@ class TokenSource:
                     log.error("%s", exc)
                 self._error = exc
                 self._wake_waiters()
-                await trio.sleep(_RETRY_AFTER_AUTH_FAILURE)
+                await self._await_new_secret(_RETRY_AFTER_AUTH_FAILURE)
             except EnosfsError as exc:
                 # The token service is down or busy: try again soon, and again, while
                 # requests wait (each within its own deadline).
@@ -147,6 +164,31 @@ class TokenSource:
         """Renew at once (not at the planned time): the token was rejected or is no
         longer valid, so requests are waiting."""
         return self._rejected == tok.value or not tok.valid_at(trio.current_time(), self._skew(tok))
+
+    async def _await_new_secret(self, limit: float) -> None:
+        """Wait up to `limit` seconds, less if the secret file gets a new secret.
+
+        A rotated secret is written to the file by whoever rotated it; reading it again
+        here lets the mount recover without a remount.
+        """
+        deadline = trio.current_time() + limit
+        if self._secret_file is None:
+            await trio.sleep_until(deadline)
+            return
+        complaint = ""
+        while trio.current_time() < deadline:
+            try:
+                text = await trio.to_thread.run_sync(read_secret_file, self._secret_file)
+            except ConfigError as exc:
+                if str(exc) != complaint:  # once, not every poll
+                    complaint = str(exc)
+                    log.warning("%s", exc)
+            else:
+                if text != self._secret.reveal():
+                    log.info("the app secret file has a new secret; asking for a token again")
+                    self._secret = Secret(text)
+                    return
+            await trio.sleep(min(_SECRET_FILE_POLL, max(0.0, deadline - trio.current_time())))
 
     # -- internals ---------------------------------------------------------------------
 
@@ -195,12 +237,15 @@ class TokenSource:
                 body["accessToken"] = self._token.value
             sent_at = trio.current_time()
             url = self._gateway + (REFRESH_PATH if refresh else TOKEN_PATH)
-            resp = await self._http.post(url, json=body)
-            return self._parse(resp, sent_at, what, refresh=refresh)
+            async with self._http.stream("POST", url, json=body) as resp:
+                raw = await read_capped(resp, what)
+            return self._parse(resp, raw, sent_at, what, refresh=refresh)
 
         return await retrying(self._policy, what, attempt)
 
-    def _parse(self, resp: httpx.Response, sent_at: float, what: str, *, refresh: bool) -> Token:
+    def _parse(
+        self, resp: httpx.Response, raw: bytes, sent_at: float, what: str, *, refresh: bool
+    ) -> Token:
         if resp.status_code >= 500 or resp.status_code == 429:
             raise ServerError(
                 resp.status_code,
@@ -209,7 +254,7 @@ class TokenSource:
                 what=what,
             )
         try:
-            doc = resp.json()
+            doc = json.loads(raw)
         except ValueError:
             raise ProtocolError(f"{what}: HTTP {resp.status_code}, body is not JSON") from None
         if not isinstance(doc, dict):
@@ -224,9 +269,19 @@ class TokenSource:
             data = doc.get("data") or {}
             value = data.get("accessToken") if isinstance(data, dict) else None
             expire = data.get("expire") if isinstance(data, dict) else None
-            if not isinstance(value, str) or not value or not isinstance(expire, int | float):
+            if (
+                not isinstance(value, str)
+                or not value
+                or isinstance(expire, bool)
+                or not isinstance(expire, int | float)
+            ):
                 raise ProtocolError(f"{what}: answer lacks accessToken or expire")
-            lifetime = max(float(expire), 1.0)
+            if not 1.0 <= expire <= _MAX_LIFETIME:  # NaN fails this too
+                raise ProtocolError(
+                    f"the token service answered expire={expire!r} (seconds a token is "
+                    "valid); a usable token lives from 1 second to a year"
+                )
+            lifetime = float(expire)
             return Token(value, lifetime, sent_at + lifetime)
         if status in _BAD_CREDENTIALS:
             raise AuthError(

@@ -21,10 +21,12 @@ handled by cutting its whole-file stream into blocks as it arrives.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sys
-from collections import Counter
+import zlib
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -34,9 +36,11 @@ from cachetools import LRUCache
 
 from enosfs.api import Body, EnosClient, FileMeta, FileRef
 from enosfs.diskcache import DiskCache, block_key
-from enosfs.errors import EnosfsError, FileChanged, IntegrityError, TransportError
+from enosfs.errors import DeadlineError, EnosfsError, FileChanged, IntegrityError, TransportError
+from enosfs.quiet import Quieter
 
 log = logging.getLogger(__name__)
+_quiet = Quieter(log)
 
 MAX_RESUMES = 3
 MAX_FREE_BUFFERS = 64
@@ -44,6 +48,10 @@ MAX_FREE_BUFFERS = 64
 # costing each retry (the kernel's included) a whole deadline: a down backend gives
 # readers a prompt error, not a storm of slow ones.
 FAILURE_MEMORY = 1.0
+WAIT_GRACE = 0.75
+# A file whose bytes arrived this recently is being fetched: its readers wait on.
+LIVE = 1.0
+MAX_GOOD_FILES = 4096
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
 
 
@@ -91,6 +99,9 @@ class Flight:
     buffer: bytearray | None = None
     spans: list[tuple[int, int]] = field(default_factory=list)  # landed, merged, sorted
     fetchers: int = 0  # fetch tasks that will write into it
+    # Its bytes are checked when the block is whole (a file a reading matched), so no
+    # reader may have any of them before then.
+    hold: bool = False
     waiters: list[tuple[int, int, trio.Event]] = field(default_factory=list)
 
     def covered(self, lo: int, hi: int) -> bool:
@@ -108,7 +119,7 @@ class Flight:
             else:
                 merged.append((a, b))
         self.spans = merged
-        if self.waiters:
+        if self.waiters and not self.hold:
             still = []
             for w in self.waiters:
                 if self.covered(w[0], w[1]):
@@ -125,7 +136,9 @@ class Flight:
 
     async def wait_for(self, lo: int, hi: int) -> bytearray:
         """The block's buffer once bytes [lo, hi) are in it (or an error)."""
-        if not self.done.is_set() and (self.buffer is None or not self.covered(lo, hi)):
+        if not self.done.is_set() and (
+            self.hold or self.buffer is None or not self.covered(lo, hi)
+        ):
             event = trio.Event()
             self.waiters.append((lo, hi, event))
             await event.wait()
@@ -147,6 +160,8 @@ class BlockCache:
         max_request: int = 8 * 1024 * 1024,
         whole_file_limit: int = 4 * 1024 * 1024,
         disk: DiskCache | None = None,
+        min_speed: int = 0,
+        speed_time: float = 10.0,
     ) -> None:
         self.client = client
         self.nursery = nursery
@@ -154,6 +169,18 @@ class BlockCache:
         self.block_size = block_size
         self.max_request = max(block_size, max_request)
         self.whole_file_limit = whole_file_limit
+        # A reader waits this long for its bytes, then fails (ETIMEDOUT) and the blocks
+        # it waited for fail fast for FAILURE_MEMORY: the kernel retries a failed read
+        # page by page, and each retry must not wait a whole deadline again. A little
+        # past the deadline, inside the second a FUSE call is given on top of it: a
+        # stall is noticed when the read timeout (the deadline) ends, and the resume
+        # that follows gets its chance.
+        self.wait_limit = client.policy.timeout + WAIT_GRACE
+        # A body slower than min_speed bytes/s over speed_time seconds is dropped and
+        # resumed on a new connection, as curl's --speed-limit does: a trickle is not
+        # silence, so the read timeout alone would never catch it.
+        self.min_speed = min_speed
+        self.speed_time = min(speed_time, client.policy.timeout)
         # One budget for all block memory: blocks on their way from read-ahead, spare
         # buffers, and the LRU get the rest. Reads a reader waits for are never held
         # back, so the budget can be overrun by what readers wait on (and by a server
@@ -167,6 +194,12 @@ class BlockCache:
         )
         self.inflight = 0  # bytes of blocks claimed and not yet delivered or failed
         self.etags: dict[tuple[str, Hashable], str] = {}
+        # Per file version: when its bytes last arrived, and how many of its bodies
+        # were dropped as too slow (what a waiting reader judges the fetch by).
+        self.live: dict[tuple[str, Hashable], float] = {}
+        self.slow_drops: Counter[tuple[str, Hashable]] = Counter()
+        # Per file version a whole reading matched: the CRC-32 of each of its blocks.
+        self.good: OrderedDict[tuple[str, Hashable], list[int]] = OrderedDict()
         self.failures: dict[tuple[object, ...], tuple[float, BaseException]] = {}
         # Told when a download shows a file changed under us (the namespace re-checks).
         self.on_changed: Callable[[str], None] | None = None
@@ -193,31 +226,150 @@ class BlockCache:
         end = min(offset + size, f.size)
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        spans = [
+            (
+                index,
+                offset - index * bs if index == first else 0,
+                end - index * bs if index == last else min(bs, f.size - index * bs),
+            )
+            for index in range(first, last + 1)
+        ]
         if self.failures:
-            self._fail_fast(f, first, last)
+            self._fail_fast(f, spans)
         if f.size <= self.whole_file_limit:
-            self._ensure(f, 0, (f.size - 1) // bs)
+            self._ensure_whole(f)
         else:
             self._ensure(f, first, last, hint=offset)
+
         parts: list[memoryview] = []
-        for index in range(first, last + 1):
-            lo = offset - index * bs if index == first else 0
-            hi = end - index * bs if index == last else min(bs, f.size - index * bs)
-            block = await self._block(f, index, lo, hi)
+        deadline = trio.current_time() + self.wait_limit
+        drops = self.slow_drops[f.key]
+        for index, lo, hi in spans:
+            while True:
+                with trio.move_on_at(deadline) as scope:
+                    block = await self._block(f, index, lo, hi)
+                if not scope.cancelled_caught:
+                    break
+                # Out of time; but while bytes of the file keep coming at a speed that
+                # is not judged too slow, they are not "bytes that do not come".
+                now = trio.current_time()
+                alive = now - self.live.get(f.key, float("-inf")) < LIVE
+                if not alive or self.slow_drops[f.key] != drops:
+                    raise self._timed_out(f, spans)
+                deadline = now + LIVE
             parts.append(memoryview(block)[lo:hi])
             if consume and hi == len(block):
                 self._release(f, index)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fail_fast(self, f: CachedFile, first: int, last: int) -> None:
+    def _available(self, f: CachedFile, index: int, lo: int, hi: int) -> bool:
+        key = self._key(f, index)
+        if key in self.lru:
+            return True
+        flight = self.flights.get(key)
+        return flight is not None and flight.error is None and flight.covered(lo, hi)
+
+    def _fail_fast(self, f: CachedFile, spans: list[tuple[int, int, int]]) -> None:
+        """Fail at once where a block's fetch failed (or a reader gave up on it) less
+        than FAILURE_MEMORY ago, unless the bytes asked for are here after all."""
         now = trio.current_time()
-        for index in range(first, last + 1):
-            failed = self.failures.get(self._key(f, index))
-            if failed is not None:
-                if now - failed[0] < FAILURE_MEMORY:
-                    self.stats["failed_fast"] += 1
-                    raise failed[1].with_traceback(None)
-                del self.failures[self._key(f, index)]
+        for index, lo, hi in spans:
+            key = self._key(f, index)
+            failed = self.failures.get(key)
+            if failed is None:
+                continue
+            if now - failed[0] >= FAILURE_MEMORY:
+                del self.failures[key]
+            elif not self._available(f, index, lo, hi):
+                self.stats["failed_fast"] += 1
+                raise failed[1].with_traceback(None)
+
+    def _timed_out(self, f: CachedFile, spans: list[tuple[int, int, int]]) -> DeadlineError:
+        """A reader waited its whole deadline: remember it, so the calls that follow
+        (the kernel's page-by-page retry of the same read) fail at once, not after a
+        deadline each."""
+        self.stats["reader_timeouts"] += 1
+        error = DeadlineError(
+            f"download {f.ref.uri}: the bytes did not arrive within {self.wait_limit:g}s"
+        )
+        now = trio.current_time()
+        for index, lo, hi in spans:
+            if not self._available(f, index, lo, hi):
+                self._remember_failure(self._key(f, index), now, error)
+        return error
+
+    def _note_slow(self, f: CachedFile) -> None:
+        if len(self.slow_drops) > 10_000:
+            self.slow_drops.clear()
+        self.slow_drops[f.key] += 1
+
+    def _remember_failure(self, key: tuple[object, ...], now: float, error: EnosfsError) -> None:
+        if len(self.failures) > 1000:
+            self.failures = {k: v for k, v in self.failures.items() if now - v[0] < FAILURE_MEMORY}
+        self.failures[key] = (now, error)
+
+    # -- whole-file checks of large files ------------------------------------------------
+
+    def checked_as_read(self, f: CachedFile) -> bool:
+        """Files too large to fetch whole before serving are checked as they are read
+        from start to end (integrity.py); smaller ones are checked before serving."""
+        return f.digest is not None and f.size > self.whole_file_limit
+
+    def known_good(self, f: CachedFile) -> bool:
+        """Is every block of f checked before it is served (a whole reading matched)?"""
+        return f.key in self.good
+
+    async def matched(self, f: CachedFile, crcs: list[int]) -> None:
+        """A whole reading of f matched its digest, so the CRC-32 of each of its blocks,
+        taken from the same bytes, is right: from now on every block of f is checked
+        against its CRC before it is served, its cached blocks now, and its staged
+        blocks on disk may be served."""
+        if len(crcs) != (f.size - 1) // self.block_size + 1:
+            return
+        self.stats["verified_files"] += 1
+        self.good[f.key] = crcs
+        self.good.move_to_end(f.key)
+        while len(self.good) > MAX_GOOD_FILES:
+            self.good.popitem(last=False)
+        if self.disk is not None and f.digest is not None:
+            keys = {
+                key: crcs[i] for i in range(len(crcs)) if (key := self._disk_key(f, i)) is not None
+            }
+            self.nursery.start_soon(self.disk.promote, keys)
+        # Blocks cached before now may be other copies than those the reading hashed.
+        cached = [(i, b) for i in range(len(crcs)) if (b := self.lru.get(self._key(f, i)))]
+        found = await trio.to_thread.run_sync(_crcs, [b for _, b in cached])
+        for (index, block), crc in zip(cached, found, strict=True):
+            if crc != crcs[index] and self.lru.get(self._key(f, index)) is block:
+                del self.lru[self._key(f, index)]
+                self._bad_block(f, index)
+
+    def _bad_block(self, f: CachedFile, index: int) -> None:
+        self.stats["bad_blocks"] += 1
+        _quiet.say(
+            logging.WARNING,
+            f"{f.ref.uri}: a block did not match the file's checked bytes; fetching it again",
+        )
+
+    def corrupt(self, f: CachedFile) -> IntegrityError:
+        """A whole reading of f did not match its digest: forget every block of it, in
+        memory and on disk, so the next reading fetches them all again."""
+        assert f.digest is not None
+        self.stats["integrity_failures"] += 1
+        log.error(
+            "%s: the bytes do not match the %s EnOS gives for the file; its cached blocks "
+            "are dropped and the read fails",
+            f.ref.uri,
+            f.digest[0],
+        )
+        self.drop(f)
+        if self.disk is not None:
+            self.nursery.start_soon(self.disk.discard, self._disk_keys(f))
+        return IntegrityError(f"download {f.ref.uri}: {f.digest[0]} mismatch")
+
+    def _disk_keys(self, f: CachedFile) -> list[str]:
+        keys = [self._disk_key(f, i) for i in range((f.size - 1) // self.block_size + 1)]
+        return [k for k in keys if k is not None]
 
     def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
         """Start fetching bytes [start, stop) in the background; nobody waits for them.
@@ -306,7 +458,7 @@ class BlockCache:
         return key not in self.flights and key not in self.lru
 
     def _claim(self, f: CachedFile, index: int) -> Flight:
-        flight = Flight(self._size_of(f, index))
+        flight = Flight(self._size_of(f, index), hold=f.key in self.good)
         self.flights[self._key(f, index)] = flight
         self.inflight += flight.size
         return flight
@@ -353,6 +505,21 @@ class BlockCache:
             else:
                 self._spawn(f, start, end, owned)
 
+    def _ensure_whole(self, f: CachedFile) -> None:
+        """A small file is only ever fetched whole, so its digest checks every byte a
+        reader gets: when some of its blocks were evicted, the whole file is fetched
+        again for the missing ones (the cached ones' bytes are hashed, then dropped)."""
+        fetch: dict[int, Flight] = {}
+        for i in range((f.size - 1) // self.block_size + 1):
+            if not self._missing(f, i):
+                continue
+            if self._on_disk(f, i):  # kept there only once checked
+                self.nursery.start_soon(self._load, f, i, self._claim(f, i))
+            else:
+                fetch[i] = self._claim(f, i)
+        if fetch:
+            self._spawn(f, 0, f.size, fetch)
+
     def _disk_key(self, f: CachedFile, index: int) -> str | None:
         """Only files with a digest go to disk: then a key names one exact content."""
         if self.disk is None or f.digest is None:
@@ -373,8 +540,11 @@ class BlockCache:
             log.exception("disk cache: reading a block failed")
             data = None
         if data is None:
-            start = index * self.block_size
-            self._spawn(f, start, start + flight.size, {index: flight})
+            if f.size <= self.whole_file_limit:
+                self._spawn(f, 0, f.size, {index: flight})  # checked whole, as ever
+            else:
+                start = index * self.block_size
+                self._spawn(f, start, start + flight.size, {index: flight})
             return
         flight.buffer = data
         flight.landed(0, flight.size)
@@ -389,15 +559,29 @@ class BlockCache:
         self, f: CachedFile, index: int, flight: Flight, *, from_disk: bool = False
     ) -> None:
         assert flight.buffer is not None
+        good = self.good.get(f.key)
+        if good is not None and zlib.crc32(flight.buffer) != good[index]:
+            self._bad_block(f, index)
+            if self.disk is not None and from_disk:
+                key = self._disk_key(f, index)
+                if key is not None:
+                    self.nursery.start_soon(self.disk.discard, [key])
+            self._fail(f, {index: flight}, IntegrityError(f"download {f.ref.uri}: bad block"))
+            return
         self.lru[self._key(f, index)] = flight.buffer
         flight.data, flight.buffer = flight.buffer, None
         self._landed_or_lost(f, index, flight)
         self.failures.pop(self._key(f, index), None)
         flight.finish()
+        checked = self.checked_as_read(f)
         key = None if from_disk else self._disk_key(f, index)
         if key is not None and self.disk is not None:
             # The write task holds the buffer, so it is not reused before it is written.
-            self.nursery.start_soon(self.disk.put, key, flight.data)
+            # A block of a file checked as it is read is kept on disk only once the
+            # whole file has matched its digest (staged until then).
+            self.nursery.start_soon(
+                functools.partial(self.disk.put, key, flight.data, staged=checked)
+            )
 
     def _fail(self, f: CachedFile, owned: dict[int, Flight], error: BaseException) -> None:
         for index, flight in owned.items():
@@ -405,12 +589,7 @@ class BlockCache:
                 continue
             self._landed_or_lost(f, index, flight)
             error = _bare(error)
-            now = trio.current_time()
-            if len(self.failures) > 1000:
-                self.failures = {
-                    k: v for k, v in self.failures.items() if now - v[0] < FAILURE_MEMORY
-                }
-            self.failures[self._key(f, index)] = (now, error)
+            self._remember_failure(self._key(f, index), trio.current_time(), error)
             flight.error = error
             flight.buffer = None
             flight.finish()
@@ -428,20 +607,30 @@ class BlockCache:
         pos = start
         block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
+        slow_bodies = 0
         reached = pos
         completed = False
         failure: EnosfsError | None = None
         self.stats["fetches"] += 1
+        if len(self.live) > 10_000:
+            self.live.clear()
         # A whole file fetched at once is checked against its digest before any reader
         # sees a byte of it: its blocks land only after the check.
         verify = f.digest is not None and start == 0 and end == f.size
+        # Hashed as the bytes come, blocks this fetch does not own included, so a file
+        # part of which is still cached is checked whole all the same.
+        hasher = hashlib.new(f.digest[0]) if verify and f.digest is not None else None
         try:
             while pos < end:
                 try:
                     async with self.client.open_download(f.ref, pos, end - 1) as body:
                         self._check_version(f, body)
                         if not body.ranged:
+                            was = pos
                             pos, end = self._adopt_whole_body(f, pos, end, block, owned)
+                            if hasher is not None and pos != was:
+                                raise TransportError(f"download {f.ref.uri}: cannot resume")
+                        pace = _Pace(self.min_speed, self.speed_time)
                         if await _skip(body, pos - body.start):
                             while pos < end:
                                 index = pos // bs
@@ -457,12 +646,19 @@ class BlockCache:
                                             flight.buffer = self._buffer(flight.size)
                                         block = flight.buffer
                                 stop = min(bstart + len(block), end)
-                                n = await body.readinto(
-                                    memoryview(block)[pos - bstart : stop - bstart]
-                                )
+                                view = memoryview(block)[pos - bstart : stop - bstart]
+                                n = await body.readinto(view)
                                 if n == 0:
                                     break
+                                if pace.too_slow(n):
+                                    slow_bodies += 1
+                                    self.stats["slow_bodies"] += 1
+                                    self._note_slow(f)
+                                    raise _TooSlow
+                                self.live[f.key] = pace.now
                                 self.stats["bytes"] += n
+                                if hasher is not None:
+                                    hasher.update(view[:n])
                                 if flight is not None and not verify:
                                     flight.landed(pos - bstart, pos - bstart + n)
                                 pos += n
@@ -473,6 +669,14 @@ class BlockCache:
                                     block = None
                 except httpx.TransportError as exc:
                     log.debug("download of %s interrupted: %r", f.ref.uri, exc)
+                except _TooSlow:
+                    # Dropped (its connection with it); the bytes it brought are kept.
+                    log.debug("download of %s below the minimum speed", f.ref.uri)
+                    if slow_bodies > MAX_RESUMES:
+                        raise DeadlineError(
+                            f"download {f.ref.uri}: slower than {self.min_speed} bytes/s "
+                            f"for {self.speed_time:g}s, {slow_bodies} times"
+                        ) from None
                 if pos < end:
                     # Resume as long as each body brings something; give up after
                     # MAX_RESUMES bodies in a row that brought nothing.
@@ -485,8 +689,8 @@ class BlockCache:
                             f"{MAX_RESUMES + 1} times without progress"
                         )
                     log.debug("download of %s cut at byte %d; resuming", f.ref.uri, pos)
-            if verify:
-                self._verify_and_deliver(f, owned)
+            if hasher is not None:
+                self._verify_and_deliver(f, owned, hasher.hexdigest())
             completed = True
         except EnosfsError as exc:
             failure = exc
@@ -508,17 +712,12 @@ class BlockCache:
         flight.fetchers -= 1
         return flight
 
-    def _verify_and_deliver(self, f: CachedFile, owned: dict[int, Flight]) -> None:
-        """Check a whole file's bytes against its digest, then let readers have them."""
+    def _verify_and_deliver(self, f: CachedFile, owned: dict[int, Flight], got: str) -> None:
+        """A whole file's bytes were hashed as they came: check them against its digest,
+        then let readers have the blocks this fetch filled."""
         assert f.digest is not None
         algorithm, want = f.digest
-        flights = [owned.get(i) for i in range((f.size - 1) // self.block_size + 1)]
-        h = hashlib.new(algorithm)
-        for flight in flights:
-            if flight is None or flight.buffer is None:
-                raise IntegrityError(f"download {f.ref.uri}: incomplete before its check")
-            h.update(flight.buffer)
-        if h.hexdigest() != want.lower():
+        if got != want.lower():
             self.stats["integrity_failures"] += 1
             log.error(
                 "%s: the bytes do not match the %s EnOS gives for the file; not served",
@@ -527,8 +726,9 @@ class BlockCache:
             )
             raise IntegrityError(f"download {f.ref.uri}: {algorithm} mismatch")
         self.stats["verified_files"] += 1
-        for index, flight in enumerate(flights):
-            assert flight is not None
+        for index, flight in list(owned.items()):
+            if flight.done.is_set() or flight.buffer is None:
+                continue  # filled by another fetch meanwhile
             flight.landed(0, flight.size)
             self._let_go(owned, index)
             self._deliver(f, index, flight)
@@ -575,6 +775,34 @@ class BlockCache:
         return pos, max([end, *(min(f.size, (i + 1) * bs) for i in owned)])
 
 
+class _TooSlow(Exception):
+    """A body stayed below the minimum speed for the whole grace period."""
+
+
+class _Pace:
+    """The speed of one body, measured over windows of `period` seconds."""
+
+    def __init__(self, min_speed: int, period: float) -> None:
+        self.floor = min_speed * period
+        self.period = period
+        self.since = self.now = trio.current_time()
+        self.got = 0
+
+    def too_slow(self, n: int) -> bool:
+        """Count n more bytes; True once a whole window brought fewer than the floor.
+        Checked as bytes arrive: a body that brings none at all is caught by the read
+        timeout instead."""
+        self.now = now = trio.current_time()
+        if self.floor <= 0:
+            return False
+        self.got += n
+        if now - self.since < self.period:
+            return False
+        slow = self.got < self.floor * (now - self.since) / self.period
+        self.since, self.got = now, 0
+        return slow
+
+
 async def _skip(body: Body, count: int) -> bool:
     """Read and drop count bytes (a server that ignored Range); False if the body ended."""
     if count <= 0:
@@ -586,6 +814,10 @@ async def _skip(body: Body, count: int) -> bool:
             return False
         count -= n
     return True
+
+
+def _crcs(blocks: list[bytearray]) -> list[int]:
+    return [zlib.crc32(b) for b in blocks]
 
 
 def _bare(exc: EnosfsError) -> EnosfsError:

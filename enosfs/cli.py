@@ -113,7 +113,7 @@ class MountRequest:
     metrics_addr: tuple[str, int] | None
 
 
-def resolve_mount(args: argparse.Namespace) -> MountRequest:
+def resolve_mount(args: argparse.Namespace, env: dict[str, str] | None = None) -> MountRequest:
     """Configuration file, then -o options, then flags: each overrides the one before."""
     from enosfs.options import parse_options
 
@@ -121,7 +121,7 @@ def resolve_mount(args: argparse.Namespace) -> MountRequest:
     config = args.config or opts.command.get("config")
     if not config:
         raise ConfigError("give the configuration file: --config FILE (or -o config=FILE)")
-    settings = opts.apply(load_settings(config))
+    settings = opts.apply(load_settings(config, env))
     extra: dict[str, Any] = {}
     if args.cache_dir:
         extra["cache_dir"] = os.path.abspath(args.cache_dir)
@@ -155,9 +155,61 @@ def parse_addr(text: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1", int(port))
 
 
+SECRET_MAX = 4096  # fits a pipe's buffer whatever the pipe limits, so writing never blocks
+
+
+def secret_pipe(secret: str) -> int:
+    """A pipe's read end, inheritable, holding the secret: how a process started from
+    here gets it without an environment variable (visible in /proc/PID/environ for the
+    process's whole life) or an argument (visible in `ps`)."""
+    data = secret.encode()
+    if len(data) > SECRET_MAX:
+        raise ConfigError(f"the app secret in {SECRET_ENV} is longer than {SECRET_MAX} bytes")
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, data)
+    finally:
+        os.close(write_fd)
+    os.set_inheritable(read_fd, True)
+    return read_fd
+
+
+def read_secret_fd(fd: int) -> str:
+    """The secret a parent process handed over with secret_pipe()."""
+    chunks: list[bytes] = []
+    try:
+        with os.fdopen(fd, "rb") as pipe:
+            while chunk := pipe.read(SECRET_MAX + 1):
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > SECRET_MAX:
+                    raise ConfigError(f"the secret on --secret-fd is over {SECRET_MAX} bytes")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret from --secret-fd {fd}: {exc.strerror}") from None
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def env_without_secret() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+
+
+def reexec_without_secret(args: argparse.Namespace) -> None:
+    """Run this foreground mount again, same pid, with the secret on a pipe instead of in
+    the environment: a process's own environment block cannot be wiped in place."""
+    fd = secret_pipe(os.environ[SECRET_ENV])
+    cmd = [sys.executable, "-m", "enosfs", "mount", "--foreground", "--secret-fd", str(fd)]
+    if args.ready_fd is not None:
+        cmd += ["--ready-fd", str(args.ready_fd)]
+    cmd += child_args(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env_without_secret())
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from enosfs.mount import check_fuse, check_mountpoint
 
+    if args.foreground and args.secret_fd is None and os.environ.get(SECRET_ENV):
+        reexec_without_secret(args)
     if args.foreground:
         ready_fd = args.ready_fd
 
@@ -169,9 +221,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 ready_fd = None  # the number may soon name another file
 
         try:
-            req = resolve_mount(args)
-            # Read; now out of this process's environment, which fusermount3 and any
-            # other child would inherit.
+            env: dict[str, str] | None = None
+            if args.secret_fd is not None:
+                env = {**os.environ, SECRET_ENV: read_secret_fd(args.secret_fd)}
+            req = resolve_mount(args, env)
+            # Out of this process's environment, which fusermount3 and any other child
+            # would inherit (an empty one may still be there).
             os.environ.pop(SECRET_ENV, None)
             setup_logging(req.log_level, req.log_file, req.log_format)
             from enosfs.mount import run_foreground
@@ -199,6 +254,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     req = resolve_mount(args)
     check_mountpoint(req.mountpoint, allow_nonempty=args.allow_nonempty)
     check_fuse()
+    # The daemon gets the secret on a pipe, never in its environment (see secret_pipe).
+    secret = os.environ.get(SECRET_ENV)
+    secret_fd = secret_pipe(secret) if secret else None
     read_fd, write_fd = os.pipe()
     cmd = [
         sys.executable,
@@ -208,18 +266,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "--foreground",
         "--ready-fd",
         str(write_fd),
+        *(["--secret-fd", str(secret_fd)] if secret_fd is not None else []),
         *child_args(args),
     ]
-    with open(os.devnull, "r+b") as devnull:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=devnull,
-            stdout=devnull,
-            stderr=devnull,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    os.close(write_fd)
+    try:
+        with open(os.devnull, "r+b") as devnull:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=devnull,
+                stdout=devnull,
+                stderr=devnull,
+                pass_fds=(write_fd,) if secret_fd is None else (write_fd, secret_fd),
+                start_new_session=True,
+                env=env_without_secret(),
+            )
+    finally:
+        os.close(write_fd)
+        if secret_fd is not None:
+            os.close(secret_fd)
     answer = _read_answer(read_fd, proc)
     if answer == "ok":
         print(
@@ -332,6 +396,7 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
         cache_dir=None,
         cache_size=None,
         ready_fd=None,
+        secret_fd=None,
     )
     try:
         return cmd_mount(args)
@@ -391,6 +456,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             faults=faults,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            expose_admin=args.expose_admin,
         )
     )
 
@@ -551,6 +617,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     m.add_argument("--log-file", help="write the log here (background mounts log nowhere else)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--secret-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
     st = sub.add_parser("stats", help="what a mount is doing (from MOUNTPOINT/.enosfs/stats)")
@@ -600,7 +667,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--fault-seed", type=int, default=0, help="seed for the faults' dice")
     e.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     e.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    e.add_argument("--ready-file", help='write {"url": ...} here once serving')
+    e.add_argument("--ready-file", help='write {"url": ..., "data_dir": ...} here once serving')
+    e.add_argument(
+        "--expose-admin",
+        action="store_true",
+        help="let clients off loopback use the admin API /__emulator__/ (it hands out tokens)",
+    )
     e.set_defaults(func=cmd_emulator)
 
     d = sub.add_parser("demo", help="emulator + demo data + mount, in the foreground")

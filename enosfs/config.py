@@ -10,14 +10,19 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from enosfs.errors import ConfigError
+from enosfs.naming import NAME_MAX, safe_name
 
 SECRET_ENV = "ENOSFS_APP_SECRET"
+_SECRET_FILE_MAX = 64 * 1024
 CATEGORIES = ("feature", "ota")
 
 _SIZE_UNITS = {
@@ -124,6 +129,9 @@ class Settings:
     orgs: tuple[OrgSettings, ...]
     integration: str = ""
     files: tuple[FileRef, ...] = ()
+    # Where the secret came from, so a rotated secret can be read again; None: from
+    # the environment.
+    app_secret_file: str | None = None
     # [cache]
     cache_memory: int = 512 * 1024**2
     block_size: int = 1024**2
@@ -145,6 +153,10 @@ class Settings:
     max_connections: int = 32
     retries: int = 7
     token_refresh_margin: float = 600.0
+    # A body slower than min_speed bytes/s for speed_time seconds is dropped and resumed
+    # on a new connection (curl's --speed-limit/--speed-time); 0 turns this off.
+    min_speed: int = 8 * 1024
+    speed_time: float = 10.0
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -161,11 +173,31 @@ class Settings:
 
 
 def _url(value: object, where: str) -> str:
+    """A gateway URL that httpx can use and that is safe to show in a log or a status file."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where} must be a URL such as https://apim-ppe1.envisioniot.com")
-    parts = urlsplit(value)
+    authority = re.split(r"[/?#]", value.partition("//")[2], maxsplit=1)[0]
+    if "@" in authority:
+        # Checked first, so that no message below echoes a password. Credentials here
+        # would reach the log and /.enosfs/config.
+        raise ConfigError(
+            f"{where} must not hold credentials (user:password@): the app key and secret "
+            "authenticate enosfs"
+        )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        # urlsplit says "Invalid IPv6 URL" or "Port out of range 0-65535": say where.
+        raise ConfigError(f"{where} is not a valid URL ({exc}): {value!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where} must be an http(s) URL, not {value!r}")
+    if port == 0 or any(c.isspace() for c in value):
+        raise ConfigError(f"{where} is not a valid URL: {value!r}")
+    try:
+        httpx.URL(value)  # what will use it: refuse here what it would refuse later
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"{where} is not a valid URL ({exc}): {value!r}") from None
     return value.rstrip("/")
 
 
@@ -197,9 +229,26 @@ def read_secret_file(path: str) -> str:
     p = Path(path).expanduser()
     try:
         st = p.stat()
-        text = p.read_text(encoding="utf-8")
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO or a device would block open() or read() and hang the mount.
+            raise ConfigError(f"app secret file {p} is not a regular file")
+        # O_NONBLOCK: should a FIFO have replaced the file since stat(), open returns.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"app secret file {p} is not a regular file")
+            raw = os.read(fd, _SECRET_FILE_MAX + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise ConfigError(f"cannot read app secret file {p}: {exc.strerror}") from None
+    if len(raw) > _SECRET_FILE_MAX:
+        raise ConfigError(f"app secret file {p} is too large for a secret")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"app secret file {p} is not UTF-8 text") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"app secret file {p} is readable by other users; run: chmod 600 {p}")
     secret = text.strip()
@@ -227,6 +276,24 @@ def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = Non
         return settings_from_dict(raw, env, base_dir=p.parent, source=name)
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+def _file_name(value: object, where: str) -> str:
+    """A configured file's name is a folder entry as it stands: what no folder can hold
+    is refused here, naming the key, instead of failing the whole folder later."""
+    name = _str(value, where)
+    if name in (".", ".."):
+        raise ConfigError(f"{where} must not be '.' or '..'")
+    if "/" in name:
+        raise ConfigError(f"{where} {name!r} must not contain '/'")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ConfigError(f"{where} {name!r} must not contain NUL or control characters")
+    if len(name.encode("utf-8")) > NAME_MAX:
+        raise ConfigError(f"{where} must be at most {NAME_MAX} bytes in UTF-8")
+    shown = safe_name(name)
+    if shown != name:
+        raise ConfigError(f"{where} {name!r} is not a safe file name; use {shown!r}")
+    return name
 
 
 def settings_from_dict(
@@ -261,8 +328,10 @@ def settings_from_dict(
         secret_path = Path(_str(enos["app_secret_file"], "enos.app_secret_file")).expanduser()
         if not secret_path.is_absolute():
             secret_path = base_dir / secret_path
-        secret = read_secret_file(str(secret_path))
+        secret_file: str | None = os.path.abspath(secret_path)
+        secret = read_secret_file(str(secret_file))
     elif env.get(SECRET_ENV):
+        secret_file = None
         secret = env[SECRET_ENV]
     else:
         raise ConfigError(f"no app secret: set {SECRET_ENV} or name a file in enos.app_secret_file")
@@ -318,7 +387,7 @@ def settings_from_dict(
                 asset=_str(f["asset"], f"{where}.asset"),
                 category=category,
                 uri=uri,
-                name=_str(f["name"], f"{where}.name") if "name" in f else None,
+                name=_file_name(f["name"], f"{where}.name") if "name" in f else None,
             )
         )
 
@@ -369,9 +438,13 @@ def settings_from_dict(
             "max_connections",
             "retries",
             "token_refresh_margin",
+            "min_speed",
+            "speed_time",
         },
     )
-    for key in ("timeout", "connect_timeout", "token_refresh_margin"):
+    if "min_speed" in network:
+        kw["min_speed"] = parse_size(network["min_speed"], "network.min_speed")
+    for key in ("timeout", "connect_timeout", "token_refresh_margin", "speed_time"):
         if key in network:
             kw[key] = parse_seconds(network[key], f"network.{key}")
     if kw.get("timeout") == 0 or kw.get("connect_timeout") == 0:
@@ -399,6 +472,7 @@ def settings_from_dict(
         integration=integration,
         app_key=app_key,
         app_secret=Secret(secret),
+        app_secret_file=secret_file,
         orgs=tuple(orgs),
         files=tuple(files),
         source=source,

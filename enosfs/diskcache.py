@@ -28,12 +28,18 @@ from typing import Any
 import trio
 
 from enosfs.errors import ConfigError
+from enosfs.quiet import Quieter
 
 log = logging.getLogger(__name__)
+_quiet = Quieter(log)
 
 MAGIC = b"ENFSBLK1"
+# A block of a file not yet checked against its digest is kept under its name plus this
+# suffix: never served, renamed once the whole file matched, deleted at the next start.
+STAGED = ".staged"
 HEADER = struct.Struct(">8sIQI")  # magic, key length, payload length, crc32
 LAYOUT = "v1"
+DISK_PAGE = 4096
 
 
 def block_key(uri: str, size: int, digest: tuple[str, str], block_size: int, index: int) -> str:
@@ -49,6 +55,11 @@ class DiskCache:
         self.index: OrderedDict[str, int] = OrderedDict()  # name -> bytes on disk, LRU order
         self.used = 0  # bytes on disk, and reserved for writes under way
         self._writing: set[str] = set()
+        self._promote_later: dict[str, int] = {}  # staged name -> the CRC it must have
+        # Disk bytes promised to writes under way: statvfs does not see them yet, so
+        # each write checks free space net of the others', under one lock.
+        self._reserved = 0
+        self._space = trio.Lock()
         self.stats: Counter[str] = Counter()
         self._lock_fd: int | None = None
 
@@ -92,9 +103,11 @@ class DiskCache:
             if not sub.is_dir():
                 continue
             for entry in os.scandir(sub):
-                if entry.name.startswith(".tmp"):
+                if entry.name.startswith(".tmp") or entry.name.endswith(STAGED):
+                    # A write a crash interrupted, or a block whose file was never
+                    # verified while the last mount ran.
                     with contextlib.suppress(OSError):
-                        os.unlink(entry.path)  # a write a crash interrupted
+                        os.unlink(entry.path)
                     continue
                 st = entry.stat()
                 found.append((st.st_mtime, entry.name, st.st_size))
@@ -133,7 +146,9 @@ class DiskCache:
         data = await trio.to_thread.run_sync(self._read, name, key, size)
         if data is None:
             self.stats["corrupt"] += 1
-            log.warning("disk cache: a damaged block was dropped and will be fetched again")
+            _quiet.say(
+                logging.WARNING, "disk cache: a damaged block was dropped and will be fetched again"
+            )
             self._forget(name)
             await trio.to_thread.run_sync(self._unlink_all, [self._path(name)])
             return None
@@ -163,20 +178,32 @@ class DiskCache:
         except OSError:
             return None
 
-    async def put(self, key: str, data: bytearray) -> None:
-        """Keep a block. Never fails: a disk that went away or filled up costs the
+    async def put(self, key: str, data: bytearray, *, staged: bool = False) -> None:
+        """Keep a block; a staged one is not served until promote() says its file
+        matched its digest. Never fails: a disk that went away or filled up costs the
         cache, not the mount."""
         try:
-            await self._put(key, data)
+            await self._put(key, data, staged=staged)
+            late = self.name(key) + STAGED
+            if staged and late in self._promote_later:
+                crc = self._promote_later.pop(late)
+                if late in self.index:
+                    await self._promote({late: crc})
         except Exception as exc:
             self.stats["write_errors"] += 1
             if self.stats["write_errors"] == 1:
                 log.warning("disk cache: cannot keep blocks (%s); carrying on without", exc)
 
-    async def _put(self, key: str, data: bytearray) -> None:
+    async def _put(self, key: str, data: bytearray, *, staged: bool = False) -> None:
         name = self.name(key)
         if name in self.index or name in self._writing:
             return
+        if staged:
+            # A staged copy is replaced: the latest delivery is what a pass hashes.
+            name += STAGED
+            if name in self._writing:
+                return
+            self._forget(name)
         encoded = key.encode("utf-8", "surrogatepass")
         need = HEADER.size + len(encoded) + len(data)
         if need > self.capacity:
@@ -192,22 +219,74 @@ class DiskCache:
             return
         self.used += need
         self._writing.add(name)
-        written = False
+        written = reserved = False
+        on_disk = -(-need // DISK_PAGE) * DISK_PAGE  # a file takes whole pages
         try:
             await trio.to_thread.run_sync(self._unlink_all, doomed)
-            while not await trio.to_thread.run_sync(self._space_for, need):
-                if not self.index:
-                    self.stats["skipped_full_disk"] += 1
-                    return
-                await trio.to_thread.run_sync(self._unlink_all, [self._evict_one()])
+            async with self._space:
+                while not await trio.to_thread.run_sync(self._space_for, on_disk + self._reserved):
+                    if not self.index:
+                        self.stats["skipped_full_disk"] += 1
+                        return
+                    await trio.to_thread.run_sync(self._unlink_all, [self._evict_one()])
+                self._reserved += on_disk
+                reserved = True
             written = await trio.to_thread.run_sync(self._write, name, encoded, data)
+            if not written:
+                self.stats["write_failed"] += 1
         finally:
+            if reserved:
+                self._reserved -= on_disk
             self._writing.discard(name)
             if written:
                 self.index[name] = need
                 self.stats["writes"] += 1
             else:
                 self.used -= need
+
+    async def promote(self, crcs: dict[str, int]) -> None:
+        """These blocks' file matched its digest, and crcs holds each block's CRC-32 from
+        the bytes that matched: serve the staged copies that have that CRC from now on
+        (those still being written, once written); drop the others."""
+        try:
+            names = {}
+            for key, crc in crcs.items():
+                name = self.name(key) + STAGED
+                if name in self._writing:
+                    self._promote_later[name] = crc
+                elif name in self.index:
+                    names[name] = crc
+            await self._promote(names)
+        except Exception as exc:
+            self.stats["write_errors"] += 1
+            log.warning("disk cache: cannot keep verified blocks (%s)", exc)
+
+    async def _promote(self, names: dict[str, int]) -> None:
+        moves = [(self._path(n), self._path(n[: -len(STAGED)]), crc) for n, crc in names.items()]
+        done = await trio.to_thread.run_sync(_rename_matching, moves)
+        for name, ok in zip(names, done, strict=True):
+            size = self.index.pop(name, None)
+            if size is None:
+                continue  # evicted meanwhile
+            if ok:
+                self.index[name[: -len(STAGED)]] = size
+                self.stats["verified_blocks"] += 1
+            else:
+                self.used -= size
+                self.stats["discarded"] += 1
+
+    async def discard(self, keys: list[str]) -> None:
+        """Forget these blocks, verified or staged: their file did not match its digest."""
+        paths = []
+        for key in keys:
+            name = self.name(key)
+            for n in (name, name + STAGED):
+                self._promote_later.pop(n, None)
+                if n in self.index:
+                    self._forget(n)
+                    paths.append(self._path(n))
+        self.stats["discarded"] += len(paths)
+        await trio.to_thread.run_sync(self._unlink_all, paths)
 
     def _evict_over(self, need: int) -> list[Path]:
         """Take least recently used blocks out of the index until need more bytes fit;
@@ -246,7 +325,7 @@ class DiskCache:
             os.replace(tmp, path)
             return True
         except OSError as exc:
-            log.warning("disk cache: cannot write a block: %s", exc.strerror)
+            _quiet.say(logging.WARNING, f"disk cache: cannot write a block: {exc.strerror}")
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             return False
@@ -263,9 +342,32 @@ class DiskCache:
             "misses": self.stats["misses"],
             "bytes": self.used,
             "capacity": self.capacity,
-            "blocks": len(self.index),
+            "blocks": sum(1 for n in self.index if not n.endswith(STAGED)),
+            "staged": sum(1 for n in self.index if n.endswith(STAGED)),
+            "verified_blocks": self.stats["verified_blocks"],
+            "discarded": self.stats["discarded"],
             "writes": self.stats["writes"],
             "evictions": self.stats["evictions"],
             "corrupt_dropped": self.stats["corrupt"],
             "skipped_full_disk": self.stats["skipped_full_disk"],
+            "write_failed": self.stats["write_failed"],
         }
+
+
+def _rename_matching(moves: list[tuple[Path, Path, int]]) -> list[bool]:
+    """Rename each staged block whose header carries the CRC it must have; delete the
+    others (a copy fetched again after the checked one was hashed)."""
+    done = []
+    for src, dst, crc in moves:
+        try:
+            with open(src, "rb") as f:
+                head = f.read(HEADER.size)
+            ok = len(head) == HEADER.size and HEADER.unpack(head)[3] == crc
+            if ok:
+                os.replace(src, dst)
+            else:
+                os.unlink(src)
+            done.append(ok)
+        except OSError:
+            done.append(False)
+    return done

@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ import trio
 
 from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
-from enosfs.errors import AuthError, EnosfsError, errno_of
+from enosfs.errors import AuthError, EnosfsError, IntegrityError, errno_of
+from enosfs.integrity import Reading
 from enosfs.namespace import ControlFile, Dir, File, Namespace, Node
+from enosfs.quiet import Quieter
 from enosfs.readahead import FolderReadAhead, ReadAhead
 
 log = logging.getLogger(__name__)
@@ -33,43 +34,38 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 XATTR_PREFIX = "user.enos."
+# How far past the next byte to hash a read may end and still be held for hashing: the
+# kernel's parallel reads of its read-ahead window land slightly out of order.
+READING_WINDOW = 4 * 1024 * 1024
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
-class _Quieter:
-    """The same failure, over and over (the backend is down, the credentials were
-    revoked), is said once every QUIET seconds, with a count, not once per request."""
-
-    QUIET = 30.0
-
-    def __init__(self) -> None:
-        self.last: dict[str, tuple[float, int]] = {}
-
-    def say(self, level: int, text: str) -> None:
-        now = time.monotonic()
-        when, hidden = self.last.get(text, (float("-inf"), 0))
-        if now - when < self.QUIET:
-            self.last[text] = (when, hidden + 1)
-            log.debug("%s", text)
-            return
-        self.last[text] = (now, 0)
-        if len(self.last) > 1000:
-            self.last = {text: (now, 0)}
-        log.log(level, "%s%s", text, f" (and {hidden} more like it)" if hidden else "")
+_quiet = Quieter(log)
 
 
-_quiet = _Quieter()
+async def invalidate_pages(inode: int) -> None:
+    """Drop the kernel's cached pages of an inode. Runs in a thread, as a task of its
+    own: from inside a request on the same inode it could deadlock."""
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOSYS):
+            log.debug("invalidate inode %d: %s", inode, exc)
 
 
-def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+def guarded(
+    op: str, *, paced: bool = False
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Answer every failure with an errno, within the mount's deadline; log what is not
-    an ordinary EnOS failure, and ordinary ones without repeating them."""
+    an ordinary EnOS failure, and ordinary ones without repeating them. A paced call
+    (read) keeps its own deadline, which bytes that keep coming push back (blocks.py);
+    it gets only a backstop here."""
 
     def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(fn)
         async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
             fs = args[0]
-            deadline = fs.op_deadline  # type: ignore[attr-defined]
+            deadline = fs.read_backstop if paced else fs.op_deadline  # type: ignore[attr-defined]
             try:
                 with trio.fail_after(deadline):
                     return await fn(*args, **kwargs)
@@ -107,6 +103,14 @@ def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaita
 class Handle:
     cached: CachedFile
     readahead: ReadAhead
+    inode: int
+    # Its reading did not match the file's digest: the kernel retries a failed read
+    # page by page on the same handle, and no retry may succeed with the bad bytes.
+    failed: bool = False
+    # A large file with a digest: what this open file is served, hashed (integrity.py).
+    reading: Reading | None = None
+    direct: bool = False  # bypasses the kernel's page cache
+    page_user: bool = False  # may fill the kernel's page cache of its inode
 
 
 class EnosFS(pyfuse3.Operations):
@@ -123,6 +127,9 @@ class EnosFS(pyfuse3.Operations):
         self.settings = settings
         # No FUSE call may take longer than this: the network deadline, plus a second.
         self.op_deadline = settings.timeout + 1.0
+        # A read may wait longer while its bytes keep coming (a slow link, not a dead
+        # one); this only stops a bug from holding a read for ever.
+        self.read_backstop = 8 * self.op_deadline
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._fh = count(1)
@@ -136,6 +143,9 @@ class EnosFS(pyfuse3.Operations):
         self.lookups: Counter[int] = Counter()  # the kernel's references, per inode
         self.errors: Counter[str] = Counter()  # errno names answered, for /.enosfs/stats
         self.folder_patterns: dict[int, FolderReadAhead] = {}
+        # Per inode of a large file not yet checked: open files that may fill its
+        # kernel page cache (one at a time; others bypass it).
+        self.page_users: Counter[int] = Counter()
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -282,15 +292,38 @@ class EnosFS(pyfuse3.Operations):
             # The kernel's parallel reads of its own window arrive slightly out of order.
             tolerance=max(1024**2, 2 * self.settings.kernel_read_ahead),
         )
-        self.handles[fh] = Handle(cached, readahead)
+        h = Handle(cached, readahead, inode, direct=self.settings.direct_io)
+        self.handles[fh] = h
         self.readers[cached.key] += 1
         self._folder_read_ahead(node)
         # The kernel may keep its pages only if they are of this same version.
         keep = self.kernel_versions.get(inode, meta.version) == meta.version
         self.kernel_versions[inode] = meta.version
+        if self.cache.checked_as_read(cached):
+            keep = self._open_checked(h, keep)
         return pyfuse3.FileInfo(  # type: ignore[call-arg]
-            fh=fh, keep_cache=keep, direct_io=self.settings.direct_io
+            fh=fh, keep_cache=keep, direct_io=h.direct
         )
+
+    def _open_checked(self, h: Handle, keep: bool) -> bool:
+        """Set up the check of a large file's whole reading; whether the kernel may keep
+        its pages. Once a reading matched, every block is checked on its own and the
+        kernel's pages hold checked bytes only (see _check_reading). Until then, every
+        byte this open file gets must pass through read() to be hashed: its kernel
+        pages are dropped, and while another open file of the inode may be filling the
+        page cache, this one bypasses it."""
+        if self.cache.known_good(h.cached):
+            return keep
+        assert h.cached.digest is not None
+        algorithm, want = h.cached.digest
+        window = max(READING_WINDOW, 2 * self.settings.kernel_read_ahead)
+        h.reading = Reading(algorithm, want, h.cached.size, window, self.cache.block_size)
+        if not h.direct and self.page_users[h.inode] > 0:
+            h.direct = True
+        elif not h.direct:
+            h.page_user = True
+            self.page_users[h.inode] += 1
+        return False
 
     def _folder_read_ahead(self, f: File) -> None:
         """Prefetch the next small files of a folder being read file after file."""
@@ -311,7 +344,7 @@ class EnosFS(pyfuse3.Operations):
             budget -= meta.size
             self.cache.prefetch(CachedFile.of(sibling.ref, meta), 0, meta.size)
 
-    @guarded("read")
+    @guarded("read", paced=True)
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles.get(fh)
         if h is None:
@@ -319,26 +352,66 @@ class EnosFS(pyfuse3.Operations):
             if snapshot is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
             return snapshot[off : off + size]
+        if h.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
         self.stats["reads"] += 1
         self.stats["read_bytes"] += size
         # Blocks a sequential reader is done with can go, their bytes now in the
         # kernel's page cache; with direct_io there is no such copy: keep them.
         # Only a lone reader's blocks: another reader of the file may still need them.
-        consume = (
-            h.readahead.sequential
-            and not self.settings.direct_io
-            and self.readers[h.cached.key] == 1
-        )
+        consume = h.readahead.sequential and not h.direct and self.readers[h.cached.key] == 1
         data = await self.cache.read(h.cached, off, size, consume=consume)
+        if h.reading is not None:
+            try:
+                await self._check_reading(h, off, data)
+            except IntegrityError:
+                # What the kernel holds of this file came from the same bad bytes.
+                h.failed = True
+                self.forget_pages(h.inode)
+                raise
         ahead = h.readahead.on_read(off, size, h.cached.size)
         if ahead is not None:
             self.cache.prefetch(h.cached, *ahead)
         return data
 
+    async def _check_reading(self, h: Handle, off: int, data: bytes | memoryview) -> None:
+        """Hash what this read serves; the read that completes a whole reading waits for
+        the verdict, and fails unless it matches."""
+        reading = h.reading
+        assert reading is not None
+        if reading.ok is not None:
+            return
+        reading.served(off, data, self.cache.nursery)
+        if not reading.complete:
+            return
+        if await reading.result():
+            await self.cache.matched(h.cached, reading.block_crcs())
+            if not h.page_user:
+                # Pages another open file put in the kernel's cache were not checked;
+                # from now on every page comes from a checked block.
+                self.cache.nursery.start_soon(invalidate_pages, h.inode)
+            return
+        raise self.cache.corrupt(h.cached)
+
+    def forget_pages(self, inode: int) -> None:
+        """Have the kernel drop its cached pages of a file: at once for open handles,
+        and the next open does not keep them either."""
+        self.kernel_versions.pop(inode, None)
+        self.cache.nursery.start_soon(invalidate_pages, inode)
+
     async def release(self, fh: int) -> None:
         self.snapshots.pop(fh, None)
         h = self.handles.pop(fh, None)
         if h is not None:
+            if h.reading is not None:
+                if h.reading.broken:
+                    self.stats["readings_broken"] += 1
+                elif h.reading.ok is not None:
+                    self.stats["readings_checked"] += 1
+            if h.page_user:
+                self.page_users[h.inode] -= 1
+                if self.page_users[h.inode] <= 0:
+                    del self.page_users[h.inode]
             self.readers[h.cached.key] -= 1
             if self.readers[h.cached.key] <= 0:
                 del self.readers[h.cached.key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -17,7 +18,9 @@ import re
 import signal
 import stat
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,11 +33,18 @@ from enosfs.auth import TokenSource
 from enosfs.blocks import BlockCache, CachedFile
 from enosfs.config import Settings
 from enosfs.diskcache import DiskCache
-from enosfs.errors import ConfigError, Denied, EnosfsError, InvalidArgument, NotFound
+from enosfs.errors import (
+    ConfigError,
+    Denied,
+    EnosfsError,
+    InvalidArgument,
+    NotFound,
+    TransportError,
+)
 from enosfs.fs import EnosFS
 from enosfs.metrics import serve as serve_metrics
 from enosfs.namespace import Dir, File, Namespace
-from enosfs.retry import RetryPolicy
+from enosfs.retry import RetryPolicy, retrying
 from enosfs.stats import Parts, render_config, render_stats, render_version, snapshot
 from enosfs.transport import LeanTransport
 
@@ -43,35 +53,97 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 
 
-def check_mountpoint(path: str, *, allow_nonempty: bool = False) -> str:
+@dataclass(frozen=True)
+class MountEntry:
+    """What /proc/self/mountinfo says is mounted at a path (the topmost mount)."""
+
+    device: str  # major:minor, the name of its bdi in /sys/class/bdi
+    fstype: str
+
+    @property
+    def is_fuse(self) -> bool:
+        return self.fstype.startswith("fuse")
+
+
+def _canonical(path: str) -> str:
+    """The path as mountinfo spells it, without touching the last component (a dead
+    FUSE mount answers nothing but ENOTCONN)."""
+    p = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+
+
+def mount_entry(path: str) -> MountEntry | None:
+    found = None
+    target = _canonical(path)
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 7 or _unescape_mountinfo(fields[4]) != target:
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                fstype = fields[fields.index("-", 6) + 1]
+                found = MountEntry(fields[2], fstype)  # later lines are mounted on top
+    return found
+
+
+def fuse_is_dead(path: str, wait: float = 5.0) -> bool:
+    """Has this FUSE mount lost its process? Asked with statvfs, which the kernel never
+    answers from its caches (stat can, for attr_timeout after the death). A daemon that
+    is alive but does not answer within `wait` counts as alive."""
+    result: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(path)
+            result.append(None)
+        except OSError as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.start()
+    worker.join(wait)
+    return bool(result) and isinstance(result[0], OSError) and result[0].errno == errno.ENOTCONN
+
+
+def _clean_dead_mount(p: str) -> None:
+    try:
+        unmount(p, lazy=True)
+    except EnosfsError as err:
+        raise ConfigError(
+            f"mountpoint {p} is a dead FUSE mount (transport endpoint is not connected) "
+            f"and cleaning it failed: {err}"
+        ) from None
+    print(
+        f"enosfs: {p} was a dead FUSE mount (its process had died); cleaned it up",
+        file=sys.stderr,
+    )
+
+
+def check_mountpoint(path: str, *, allow_nonempty: bool = False, _cleaned: bool = False) -> str:
     """The absolute mountpoint, or a ConfigError saying what is wrong with it.
 
     A dead FUSE mount (its process died: "transport endpoint is not connected") is
-    cleaned up here, with a word to say so, rather than refused.
+    cleaned up here, with a word to say so, rather than refused; dead is judged
+    without trusting stat, which the kernel answers from cached attributes for a while
+    after the process died.
     """
     p = os.path.abspath(path)
+    entry = mount_entry(p)
+    if not _cleaned and entry is not None and entry.is_fuse and fuse_is_dead(p):
+        _clean_dead_mount(p)
+        return check_mountpoint(p, allow_nonempty=allow_nonempty, _cleaned=True)
     try:
         st = os.stat(p)
     except FileNotFoundError:
         raise ConfigError(f"mountpoint {p} does not exist (create it with: mkdir -p {p})") from None
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        if exc.errno != errno.ENOTCONN or _cleaned:
             raise ConfigError(f"mountpoint {p}: {exc.strerror}") from None
-        try:
-            unmount(p, lazy=True)
-        except EnosfsError as err:
-            raise ConfigError(
-                f"mountpoint {p} is a dead FUSE mount (transport endpoint is not connected) "
-                f"and cleaning it failed: {err}"
-            ) from None
-        print(
-            f"enosfs: {p} was a dead FUSE mount (its process had died); cleaned it up",
-            file=sys.stderr,
-        )
-        return check_mountpoint(p, allow_nonempty=allow_nonempty)
+        _clean_dead_mount(p)
+        return check_mountpoint(p, allow_nonempty=allow_nonempty, _cleaned=True)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mountpoint {p} is not a directory")
-    if os.path.ismount(p):
+    if entry is not None or os.path.ismount(p):
         raise ConfigError(f"{p} is already a mountpoint (unmount it first: enosfs umount {p})")
     if not allow_nonempty and any(os.scandir(p)):
         raise ConfigError(
@@ -140,34 +212,97 @@ async def check_orgs(client: EnosClient, settings: Settings) -> None:
             )
 
 
+def is_loopback_host(host: str) -> bool:
+    """Is this host this machine, by its name alone? (No lookup: a name that resolves
+    to loopback here may not elsewhere, and the question is about the URL.)"""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def warn_plain_http(settings: Settings) -> None:
+    """Say once if the access token will cross a network in clear (plain http:// to a
+    host that is not this machine)."""
+    hosts = sorted(
+        {
+            url.host
+            for url in (httpx.URL(settings.gateway), httpx.URL(settings.integration))
+            if url.scheme == "http" and not is_loopback_host(url.host)
+        }
+    )
+    if hosts:
+        log.warning(
+            "plain http:// to %s: the access token and the files travel unencrypted (use https://)",
+            ", ".join(hosts),
+        )
+
+
+async def check_integration(
+    http: httpx.AsyncClient, settings: Settings, policy: RetryPolicy
+) -> None:
+    """Reach the integration host (files live there) before mounting, as the token
+    request reaches the gateway: a bad certificate or a wrong address there would
+    otherwise give a mount that answers every read with EIO. Any HTTP answer will do."""
+    gateway, integration = httpx.URL(settings.gateway), httpx.URL(settings.integration)
+    if (gateway.scheme, gateway.host, gateway.port) == (
+        integration.scheme,
+        integration.host,
+        integration.port,
+    ):
+        return  # the token request has just reached it
+    url = f"{settings.integration.rstrip('/')}/connect-service/v2.1/files"
+
+    async def attempt() -> None:
+        resp = await http.get(url, params={"action": "getFileInfo"})
+        await resp.aclose()
+
+    try:
+        await retrying(policy, f"integration host {settings.integration}", attempt)
+    except TransportError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def set_kernel_read_ahead(mountpoint: str, size: int) -> bool:
-    """Let the kernel read ahead `size` bytes on this mount (as gcsfuse does).
+def set_kernel_read_ahead(mountpoint: str, size: int) -> int | None:
+    """Let the kernel read ahead `size` bytes on this mount (as gcsfuse does); return
+    the read-ahead the kernel really has, in KiB (None: unknown). 0 leaves it alone.
 
     The kernel's default of 128 KiB makes it send 128 KiB reads one or two at a time;
     a larger window makes it send 1 MiB reads several at a time, which is what lets a
-    sequential reader run at the speed of the network. Needs root (the bdi files in
-    /sys are root's); elsewhere the default stays and this says so in the log.
+    sequential reader run at the speed of the network. Call it only once the FUSE INIT
+    handshake is done: INIT lowers the bdi's read-ahead to what the daemon offered.
+    Needs root (the bdi files in /sys are root's); elsewhere the default stays and this
+    says so in the log.
     """
-    device = None
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape_mountinfo(fields[4]) == mountpoint:
-                device = fields[2]
-    if device is None:
+    entry = mount_entry(mountpoint)
+    if entry is None:
         log.debug("read-ahead: %s not found in mountinfo", mountpoint)
-        return False
+        return None
+    bdi = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+    if size:
+        try:
+            bdi.write_text(str(size // 1024))
+        except OSError as exc:
+            log.info("kernel read-ahead left at its default (%s)", exc.strerror)
     try:
-        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(size // 1024))
-    except OSError as exc:
-        log.info("kernel read-ahead left at its default (%s)", exc.strerror)
-        return False
-    log.debug("kernel read-ahead set to %d KiB", size // 1024)
-    return True
+        now = int(bdi.read_text())
+    except (OSError, ValueError):
+        return None
+    if size and now != size // 1024:
+        log.info("kernel read-ahead is %d KiB, not the %d KiB asked for", now, size // 1024)
+    else:
+        log.debug("kernel read-ahead is %d KiB", now)
+    return now
 
 
 def mount_options(settings: Settings) -> set[str]:
@@ -206,6 +341,7 @@ class Mount:
         p = self.parts
         policy = RetryPolicy(timeout=s.timeout, max_attempts=s.retries + 1)
         p.lean = lean_transport(s)
+        warn_plain_http(s)
         async with contextlib.AsyncExitStack() as stack:
             if s.cache_dir is not None:
                 disk = DiskCache(Path(s.cache_dir), s.disk_size, s.min_free)
@@ -220,8 +356,10 @@ class Mount:
                 s.app_secret,
                 refresh_margin=s.token_refresh_margin,
                 policy=policy,
+                secret_file=s.app_secret_file,
             )
             await p.tokens.start()
+            await check_integration(http, s, policy)
             p.client = EnosClient(
                 http,
                 p.tokens,
@@ -239,6 +377,8 @@ class Mount:
                     block_size=s.block_size,
                     budget=s.cache_memory,
                     disk=p.disk,
+                    min_speed=s.min_speed,
+                    speed_time=s.speed_time,
                 )
                 ns = Namespace(
                     p.client,
@@ -262,11 +402,10 @@ class Mount:
                         lambda: trio.from_thread.run_sync(snapshot, p, trio_token=token),
                     )
                 pyfuse3.init(p.fs, self.mountpoint, mount_options(s))
-                if s.kernel_read_ahead:
-                    set_kernel_read_ahead(self.mountpoint, s.kernel_read_ahead)
                 unmount = True
                 try:
                     nursery.start_soon(self._signals)
+                    nursery.start_soon(self._kernel_read_ahead)
                     log.info("%s", self.summary())
                     if ready is not None:
                         ready()
@@ -299,6 +438,18 @@ class Mount:
             f"enosfs {__version__} mounted {', '.join(o.org_id for o in s.orgs)} at "
             f"{self.mountpoint} from {s.gateway}; memory cache {s.cache_memory >> 20} MiB, "
             f"{disk}; {token}{metrics}"
+        )
+
+    async def _kernel_read_ahead(self) -> None:
+        """Set the kernel's read-ahead once the INIT handshake is over (it resets it).
+
+        The kernel holds every request until INIT is answered, so our own statvfs
+        coming back (served by the loop this task runs beside) means INIT is done.
+        """
+        with trio.move_on_after(60), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)
+        self.parts.read_ahead_kb = await trio.to_thread.run_sync(
+            set_kernel_read_ahead, self.mountpoint, self.settings.kernel_read_ahead
         )
 
     async def _signals(self) -> None:
@@ -343,11 +494,21 @@ def run_foreground(
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount a FUSE mount, ours or another process's, live or dead."""
+    """Unmount a FUSE mount, ours or another process's, live or dead; refuse anything
+    else (as root, umount would take down whatever is there)."""
     import shutil
     import subprocess
 
     p = os.path.abspath(mountpoint)
+    entry = mount_entry(p)
+    if entry is None:
+        if not os.path.lexists(p):
+            raise EnosfsError(f"{p} does not exist")
+        raise EnosfsError(f"{p} is not a mountpoint")
+    if not entry.is_fuse:
+        raise EnosfsError(
+            f"{p} is not a FUSE mount (it is {entry.fstype}); enosfs umount only unmounts FUSE"
+        )
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [p]

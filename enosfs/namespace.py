@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from enosfs.api import Device, EnosClient, FileFeatures, FileMeta, FileRef, Firmware
+from enosfs.api import BadRecord, Device, EnosClient, FileFeatures, FileMeta, FileRef, Firmware
 from enosfs.config import CATEGORIES, Settings
 from enosfs.errors import Denied, EnosfsError, NotFound, TransportError
 from enosfs.naming import feature_file_name, firmware_file_name, safe_name, settle, uri_id
@@ -124,6 +124,7 @@ class Namespace:
         self.models: dict[tuple[str, str], tuple[float, FileFeatures]] = {}
         self.firmwares: dict[tuple[str, str], tuple[float, list[Firmware]]] = {}
         self._denied_said: set[str] = set()
+        self._bad_said: set[str] = set()  # fileUris whose record was said to be unusable
         self.control: Dir | None = None
         # Where listings run (the mount's nursery); None: in the caller (tests).
         self.nursery: trio.Nursery | None = None
@@ -250,13 +251,7 @@ class Namespace:
                 out[CONTROL_DIR] = self.control
             return out
         if d.kind == "org":
-            names = await self._asset_ids(d.org)
-            out: dict[str, Node] = {}
-            for asset_id in names:
-                name = safe_name(asset_id)
-                node = old.get(name) or d.hidden.pop(name, None)
-                out[name] = node or self._asset_dir(d, asset_id)
-            return out
+            return self._place_assets(d, await self._asset_ids(d.org), old)
         if d.kind == "asset":
             return {
                 c: old.get(c)
@@ -268,8 +263,36 @@ class Namespace:
         )
         return self._place(d, entries, old)
 
-    def _asset_dir(self, org_dir: Dir, asset_id: str) -> Dir:
-        return self._new_dir(safe_name(asset_id), org_dir, "asset", org=org_dir.org, asset=asset_id)
+    def _asset_dir(self, org_dir: Dir, asset_id: str, name: str | None = None) -> Dir:
+        return self._new_dir(
+            name or safe_name(asset_id), org_dir, "asset", org=org_dir.org, asset=asset_id
+        )
+
+    def _place_assets(self, d: Dir, asset_ids: list[str], old: dict[str, Node]) -> dict[str, Node]:
+        """Folder names for asset ids, settled as file names are ('a/b' and 'a_b' both
+        want 'a_b'). An id that is its own safe name keeps it, so a plain id never moves
+        because an odd one appeared; a folder keeps its node while its name still means
+        the same asset, and the kernel is told to forget a name that now means another."""
+        wanted = [safe_name(a) for a in asset_ids]
+        names = settle(
+            ((w, ("0" if w == a else "1", a)) for w, a in zip(wanted, asset_ids, strict=True)),
+            extensions=False,
+        )
+        out: dict[str, Node] = {}
+        for name, asset_id in zip(names, asset_ids, strict=True):
+            node = old.get(name)
+            if not (isinstance(node, Dir) and node.asset == asset_id):
+                hidden = d.hidden.get(name)
+                if isinstance(hidden, Dir) and hidden.asset == asset_id:
+                    node = d.hidden.pop(name)
+                else:
+                    if name in old:
+                        self._entry_changed(d, name)
+                    node = self._asset_dir(d, asset_id, name)
+            out[name] = node
+        for name in old.keys() - out.keys():
+            self._entry_changed(d, name)
+        return out
 
     def _place(self, d: Dir, entries: list[_Entry], old: dict[str, Node]) -> dict[str, Node]:
         """Settle names; keep a node (and its inode) where name and fileUri are unchanged."""
@@ -362,7 +385,8 @@ class Namespace:
     def _configured(self, d: Dir) -> list[_Entry]:
         return [
             _Entry(
-                f.name or uri_id(f.uri),
+                # The configuration checks names, but a URI's tail may still be '..'.
+                safe_name(f.name or uri_id(f.uri), fallback="file"),
                 ("2", f.uri),
                 f.uri,
                 None,
@@ -468,6 +492,12 @@ class Namespace:
             except NotFound:
                 log.debug("%s: %s is referenced but does not exist", d.path, e.uri)
                 gone.add(i)
+            except BadRecord as exc:
+                # Not shown: nothing true could be said of it in `ls -l`.
+                if e.uri not in self._bad_said:
+                    self._bad_said.add(e.uri)
+                    log.warning("%s: not showing %s: %s", d.path, e.wanted, exc)
+                gone.add(i)
             except EnosfsError as exc:
                 # Listed all the same; getattr will try again and report the error.
                 log.warning("%s: no metadata for %s: %s", d.path, uri_id(e.uri), exc)
@@ -497,8 +527,8 @@ class Namespace:
             return f.meta
         try:
             meta = await self.client.file_meta(f.ref)
-        except NotFound:
-            raise
+        except (NotFound, BadRecord):
+            raise  # the last good record would no longer be true
         except EnosfsError:
             if f.meta is not None:
                 return f.meta  # stale but known; the read path checks sizes again

@@ -13,7 +13,14 @@ import re
 from collections.abc import Iterable, Sequence
 
 NAME_MAX = 255
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+# Separators and control characters (C0 and C1: a terminal obeys some of them), and
+# what makes `ls` output lie: bidirectional overrides and isolates, which reorder how a
+# name is shown, and characters drawn like a slash, which fake a path inside one name.
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f/\\"
+    r"\u200e\u200f\u202a-\u202e\u2066-\u2069"
+    r"\u2044\u2215\u29f8\uff0f]"
+)
 _EXT = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
 
 
@@ -67,18 +74,21 @@ def firmware_file_name(name: str, version: str, url: str) -> str:
     return safe_name(base + ext, fallback="firmware" + ext)
 
 
-def _with_suffix(name: str, n: int) -> str:
-    m = _EXT.search(name)
+def _with_suffix(name: str, n: int, extension: bool = True) -> str:
+    m = _EXT.search(name) if extension else None
     if m and m.start() > 0:
         return _fit(f"{name[: m.start()]}~{n}{m.group(0)}")
     return _fit(f"{name}~{n}")
 
 
-def settle(candidates: Iterable[tuple[str, Sequence[str]]]) -> list[str]:
+def settle(
+    candidates: Iterable[tuple[str, Sequence[str]]], *, extensions: bool = True
+) -> list[str]:
     """Unique names for (wanted name, tie-break key) pairs, in the order given.
 
     The entry with the smallest key keeps the wanted name; the others get '~2', '~3', ...
-    before the extension, in key order. The result depends only on the input set, so the
+    before the extension (at the end when `extensions` is false: a folder such as
+    'WT.001' has none), in key order. The result depends only on the input set, so the
     same server data always yields the same names.
     """
     items = list(candidates)
@@ -91,7 +101,7 @@ def settle(candidates: Iterable[tuple[str, Sequence[str]]]) -> list[str]:
         if name in taken:
             n = 2
             while True:
-                candidate = _with_suffix(name, n)
+                candidate = _with_suffix(name, n, extensions)
                 if candidate not in taken and candidate not in wanted:
                     break
                 n += 1

@@ -26,6 +26,8 @@ _VALUED: dict[str, tuple[str, Any]] = {
     "entry_timeout": ("entry_timeout", parse_seconds),
     "attr_timeout": ("attr_timeout", parse_seconds),
     "timeout": ("timeout", parse_seconds),
+    "min_speed": ("min_speed", parse_size),
+    "speed_time": ("speed_time", parse_seconds),
 }
 _FLAGS = {"allow_other": "allow_other", "direct_io": "direct_io"}
 # Options for the command itself rather than the settings.

@@ -33,6 +33,7 @@ class Parts:
     disk: DiskCache | None = None
     fs: EnosFS | None = None
     lean: LeanTransport | None = None
+    read_ahead_kb: int | None = None  # the kernel's, read back once the mount is up
 
 
 def snapshot(p: Parts) -> dict[str, Any]:
@@ -59,11 +60,14 @@ def snapshot(p: Parts) -> dict[str, Any]:
             },
             "verified_files": s["verified_files"],
             "integrity_failures": s["integrity_failures"],
+            "bad_blocks": s["bad_blocks"],
             "files_changed": s["changed"],
             "resumes": s["resumes"],
             "read_ahead_clipped": s["readahead_clipped"],
             "split_fetches": s["split_fetches"],
             "failed_fast": s["failed_fast"],
+            "reader_timeouts": s["reader_timeouts"],
+            "slow_bodies": s["slow_bodies"],
             "reused_buffers": s["reused_buffers"],
         }
         doc["in_flight"] = {"blocks": len(cache.flights), "bytes": cache.inflight}
@@ -77,6 +81,11 @@ def snapshot(p: Parts) -> dict[str, Any]:
             "reads": p.fs.stats["reads"],
             "read_bytes": p.fs.stats["read_bytes"],
             "open_files": len(p.fs.handles),
+            "read_ahead_kb": p.read_ahead_kb,
+        }
+        doc["whole_readings"] = {
+            "checked": p.fs.stats["readings_checked"],
+            "broken": p.fs.stats["readings_broken"],
         }
         doc["errors"] = dict(sorted(p.fs.errors.items()))
     if p.tokens is not None:

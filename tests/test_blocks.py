@@ -6,10 +6,12 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from enosfs.api import FileRef
 from enosfs.blocks import BlockCache, CachedFile
+from enosfs.errors import IntegrityError
 from enosfs.readahead import MiB, ReadAhead
 from tests.support import Emulator, demo_files
 from tests.test_client import client_for
@@ -192,3 +194,24 @@ async def test_memory_budget_holds_with_50_sequential_readers(emu: Emulator) -> 
         assert peak <= budget + 50 * cache.block_size
         assert cache.lru.currsize <= budget
         assert cache.inflight == 0 and not cache.flights
+
+
+async def test_a_small_file_partly_evicted_is_checked_whole_again(emu: Emulator) -> None:
+    files = demo_files(emu)
+    rel = next(r for r in files if r.endswith("turbine-controller-4.1.0.bin"))
+    asset, category, _ = rel.split("/")
+    ref = FileRef(emu.org, asset, category, files[rel])
+    async with cache_for(emu, block_size=1 * MiB, budget=64 * MiB) as cache:
+        meta = await cache.client.file_meta(ref)
+        f = CachedFile.of(ref, meta)
+        want = emu.blob(files[rel])
+        assert 2 * MiB < f.size <= cache.whole_file_limit
+        assert await cache.read(f, 0, f.size) == want
+        del cache.lru[(*f.key, 1)]  # evicted, as a busy cache does
+        emu.faults({"kind": "corrupt", "after": 1234, "match": "files.download"})
+        # Block 1 comes again with a bad byte: the file is checked whole, not served.
+        with pytest.raises(IntegrityError):
+            await cache.read(f, MiB, 4096)
+        emu.admin("DELETE", "faults")
+        cache.failures.clear()
+        assert await cache.read(f, MiB, 4096) == want[MiB : MiB + 4096]

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,9 +24,11 @@ import trio
 from enosfs.api import EnosClient, FileRef
 from enosfs.auth import TokenSource
 from enosfs.config import Secret
-from enosfs.errors import AuthError, InvalidArgument, NotFound, TransportError
+from enosfs.errors import AuthError, InvalidArgument, NotFound, ProtocolError, TransportError
+from enosfs.jsonbody import MAX_JSON
 from enosfs.mount import http_client, lean_transport
 from enosfs.retry import RetryPolicy
+from enosfs.signature import token_signature
 from tests.support import Emulator, demo_files, emulator, free_port
 
 
@@ -320,3 +330,136 @@ async def test_upload_firmware_and_delete(tmp_path: Path) -> None:
         assert r.json()["code"] == 0
         with pytest.raises(NotFound):
             await client.file_meta(ref)
+
+
+async def test_a_huge_json_answer_is_refused_at_the_cap(emu: Emulator) -> None:
+    """A listing answer padded past MAX_JSON (valid JSON all the same) is a one-line
+    ProtocolError, read no further than the cap, not a parse of everything."""
+    async with client_for(emu) as client:
+        emu.faults({"kind": "bloat", "match": "devices.search", "size": MAX_JSON + 4 * 1024**2})
+        with pytest.raises(ProtocolError) as info:
+            await client.search_devices_page(emu.org, 1)
+        assert "larger than 16 MiB" in str(info.value) and "\n" not in str(info.value)
+        assert emu.fired() == {"bloat": 1}, "a refused answer is not asked for again"
+        emu.admin("DELETE", "faults")
+        devices, _ = await client.search_devices_page(emu.org, 1)
+        assert devices
+
+
+async def test_a_huge_token_answer_is_refused_at_the_cap(emu: Emulator) -> None:
+    emu.faults({"kind": "bloat", "match": "token.*", "size": MAX_JSON + 1})
+    with pytest.raises(ProtocolError, match="larger than 16 MiB"):
+        async with client_for(emu):
+            pass
+
+
+# -- the emulator's manners --------------------------------------------------------------
+
+
+async def test_the_admin_api_answers_loopback_clients_only(demo_emu: Emulator) -> None:
+    """A real client off loopback cannot be had here (tests talk to loopback only), so
+    the peer address is set through httpx's ASGI transport."""
+    from enosfs.emulator.app import Emulator as App
+    from enosfs.emulator.server import admin_warning
+    from enosfs.emulator.state import State
+
+    state = State.load(demo_emu.data_dir)
+    for peer, expose, status in [
+        ("192.0.2.7", False, 403),
+        ("127.0.0.1", False, 200),
+        ("::1", False, 200),
+        ("::ffff:127.0.0.1", False, 200),
+        ("192.0.2.7", True, 200),
+    ]:
+        app = App(state, expose_admin=expose).app()
+        transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://emu") as http:
+            assert (await http.get("/__emulator__/tokens")).status_code == status, peer
+            assert (await http.post("/__emulator__/tokens/revoke")).status_code == status
+            # The EnOS APIs themselves answer anyone.
+            r = await http.post("/apim-token-service/v2.0/token/get", json={})
+            assert r.status_code == 200 and r.json()["status"] == 1202
+    assert admin_warning("127.0.0.1", False) is None and admin_warning("::1", False) is None
+    assert "answers loopback clients only" in str(admin_warning("0.0.0.0", False))
+    assert "open to anyone" in str(admin_warning("0.0.0.0", True))
+
+
+def test_sigterm_stops_the_emulator_promptly_and_removes_its_temp_data(tmp_path: Path) -> None:
+    """A download held by a stall must not hold up shutdown, and the temporary data
+    folder (no --data-dir) must not be left behind."""
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enosfs",
+            "emulator",
+            "--seed",
+            str(small_seed(tmp_path)),
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--fault",
+            "stall:seconds=120,match=files.download",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    data_dir: Path | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() or not ready.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "emulator did not start"
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        url, data_dir = info["url"], Path(info["data_dir"])
+        assert data_dir.is_dir()
+        ts = int(time.time() * 1000)
+        token = httpx.post(
+            f"{url}/apim-token-service/v2.0/token/get",
+            json={"appKey": "k1", "encryption": token_signature("k1", ts, "s1"), "timestamp": ts},
+            timeout=10,
+        ).json()["data"]["accessToken"]
+        state = json.loads((data_dir / "state.json").read_text())
+        blob = next(b for b in state["blobs"] if b["category"] == "ota")
+        params = {
+            "action": "download",
+            "orgId": "o1",
+            "assetId": "a0000",
+            "category": "ota",
+            "fileUri": blob["uri"],
+        }
+
+        def stalls() -> int:
+            stats = httpx.get(f"{url}/__emulator__/stats", timeout=10).json()["requests"]
+            return int(stats.get("faults.stall", 0))
+
+        def download() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(
+                    f"{url}/connect-service/v2.1/files",
+                    params=params,
+                    headers={"apim-accesstoken": token},
+                    timeout=30,
+                )
+
+        thread = threading.Thread(target=download, daemon=True)
+        thread.start()
+        while stalls() < 1:
+            assert time.monotonic() < deadline, "the download never stalled"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the emulator did not stop within 5 s of SIGTERM") from None
+        thread.join(timeout=30)
+        assert not data_dir.exists(), "the temporary data folder was left behind"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if data_dir is not None:
+            shutil.rmtree(data_dir, ignore_errors=True)

@@ -11,9 +11,11 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from enosfs.naming import uri_id
 from tests.support import (
     Emulator,
     demo_files,
@@ -500,6 +502,125 @@ def test_ten_thousand_assets_are_paged(
             emu.reset_stats()
             assert len(os.listdir(m.path / "o1")) == 10_000
             assert emu.stats()["devices.search"] == 50
+
+
+def small_seed(tmp: Path, devices: list[dict[str, Any]], **org: Any) -> Path:
+    """A seed for organisation o1 (app k): one product whose model has FILE attributes."""
+    features = sorted({f for d in devices for f in d.get("attributes", {})})
+    seed = {
+        "apps": [{"appKey": "k", "appSecret": "s3cr3t-value"}],
+        "orgs": [
+            {
+                "orgId": "o1",
+                "models": [{"modelId": "m", "attributes": dict.fromkeys(features, "FILE")}],
+                "products": [{"productKey": "p", "modelId": "m"}],
+                "devices": [{"productKey": "p", **d} for d in devices],
+                **org,
+            }
+        ],
+    }
+    path = tmp / "seed.json"
+    path.write_text(json.dumps(seed))
+    return path
+
+
+BAD_SIZES = {"huge": 2**64, "int64": 2**63, "negative": -5, "fraction": 12.5, "word": "lots"}
+BAD_TIMES = {"late": 10**20, "early": -(10**20), "far": 10**40}
+
+
+def test_one_impossible_metadata_record_costs_only_its_own_file(
+    tmp_path_factory: pytest.TempPathFactory, work: Path
+) -> None:
+    data = tmp_path_factory.mktemp("records")
+    idents = ["ok1", "ok2", *BAD_SIZES, *BAD_TIMES]
+    device = {"assetId": "d1", "attributes": {i: {"text": f"file {i}"} for i in idents}}
+    firmwares = [
+        {"productKey": "p", "name": "fw", "version": v, "text": f"image {v}", "fileName": "a.bin"}
+        for v in ("1", "2", "3")
+    ]
+    seed = str(small_seed(data, [device], firmwares=firmwares))
+    with emulator(data / "state", seed):
+        pass  # builds the state, which is then spoilt below, as a server might answer
+    state_file = data / "state" / "state.json"
+    state = json.loads(state_file.read_text())
+    attrs = state["orgs"][0]["devices"][0]["attributes"]
+    blobs = {b["uri"]: b for b in state["blobs"]}
+    for ident, size in BAD_SIZES.items():
+        blobs[attrs[ident]]["size"] = size
+    for ident, when in BAD_TIMES.items():
+        blobs[attrs[ident]]["create_time_ms"] = when
+    fws = sorted(state["orgs"][0]["firmwares"], key=lambda f: f["version"])
+    fws[0]["size"] = 2**64  # in the firmware search; getFileInfo still tells the truth
+    fws[1]["create_time_ms"] = 10**40
+    state_file.write_text(json.dumps(state))
+    with emulator(data / "state", seed) as emu:  # the same seed: the state is reused
+        emu.app_key, emu.app_secret, emu.org = "k", "s3cr3t-value", "o1"
+        assert emu.blobs()[attrs["huge"]]["size"] == 2**64  # the spoilt state is served
+        started = time.time()
+        with mounted(work, emu) as m:
+            folder = m.path / "o1" / "d1" / "feature"
+            out = run("ls", "-l", folder)
+            assert out.returncode == 0, out.stderr
+            names = sorted(os.listdir(folder))
+            assert names == ["early.txt", "far.txt", "late.txt", "ok1.txt", "ok2.txt"]
+            for ident in ("ok1", "ok2", *BAD_TIMES):
+                assert (folder / f"{ident}.txt").read_bytes() == f"file {ident}".encode()
+            for ident in BAD_TIMES:  # shown with the mount's own time
+                assert started - 1 <= (folder / f"{ident}.txt").stat().st_mtime <= time.time()
+            # Named by its URI, a hidden file answers with a clear error, not wrong bytes.
+            with pytest.raises(OSError) as info:
+                (folder / uri_id(attrs["huge"])).read_bytes()
+            assert info.value.errno == errno.EIO
+            ota = m.path / "o1" / "d1" / "ota"
+            out = run("ls", "-l", ota)
+            assert out.returncode == 0, out.stderr
+            assert sorted(os.listdir(ota)) == ["fw-1.bin", "fw-2.bin", "fw-3.bin"]
+            assert started - 1 <= (ota / "fw-2.bin").stat().st_mtime <= time.time()
+            for v in ("1", "2", "3"):
+                path = ota / f"fw-{v}.bin"
+                assert path.stat().st_size == len(f"image {v}")
+                assert path.read_bytes() == f"image {v}".encode()
+            os.listdir(folder)
+        said = [ln for ln in m.log_text().splitlines() if "not showing" in ln]
+        assert len(said) == len(BAD_SIZES), said
+        assert "Traceback" not in m.log_text()
+
+
+def test_asset_ids_with_the_same_safe_name_all_appear(
+    tmp_path_factory: pytest.TempPathFactory, work: Path
+) -> None:
+    data = tmp_path_factory.mktemp("assets")
+    ids = ["a/b", "a_b", "..", "__", "x\u2215y"]
+    devices = [{"assetId": a, "attributes": {"id": {"text": f"asset {a}"}}} for a in ids]
+    # Configured names, unsafe as folder names, settle among the server's.
+    config = (
+        'assets = ["a\\\\b", "c\\u202ed", ".."]\n'
+        '[[file]]\norg = "o1"\nasset = "a/b"\nname = "copy.txt"\nuri = "{uri}"\n'
+    )
+    want = {
+        "a_b": "a_b",
+        "a_b~2": "a/b",
+        "__": "__",
+        "__~2": "..",
+        "x_y": "x\u2215y",
+    }
+    with emulator(data / "state", str(small_seed(data, devices))) as emu:
+        emu.app_key, emu.app_secret, emu.org = "k", "s3cr3t-value", "o1"
+        found = emu.state()["orgs"][0]["devices"]
+        uri = next(d for d in found if d["asset_id"] == "a_b")["attributes"]["id"]
+        listings = []
+        for _ in range(2):  # the same names after a remount
+            with mounted(work, emu, config.format(uri=uri)) as m:
+                org = m.path / "o1"
+                listings.append(sorted(os.listdir(org)))
+                for name, asset in want.items():
+                    got = (org / name / "feature" / "id.txt").read_bytes()
+                    assert got == f"asset {asset}".encode(), name
+                # The configured file is fetched with the real asset id, a/b.
+                assert (org / "a_b~2/feature/copy.txt").read_bytes() == b"asset a_b"
+                assert os.listdir(org / "a_b~3/feature") == []
+                assert os.listdir(org / "c_d/feature") == []
+        assert listings[0] == listings[1] == sorted([*want, "a_b~3", "c_d"])
 
 
 def test_config_that_is_a_folder(work: Path) -> None:

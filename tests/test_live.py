@@ -50,8 +50,14 @@ def test_disk_cache_survives_a_remount_with_no_downloads(emu: Emulator, work: Pa
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
         for rel in files:
             assert md5(m.org / rel) == blobs[files[rel]]["md5"], rel
-        deadline = time.monotonic() + 20  # the writes finish in the background
-        while stats_of(m.path)["cache"]["disk"]["writes"] < 30 and time.monotonic() < deadline:
+        # The writes finish in the background; a large file's blocks are kept once
+        # its whole reading matched (staged until then).
+        want = sum(-(-blobs[uri]["size"] // (1024 * 1024)) for uri in files.values())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            disk = stats_of(m.path)["cache"]["disk"]
+            if disk["blocks"] >= want and disk["staged"] == 0:
+                break
             time.sleep(0.1)
     emu.reset_stats()
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
@@ -153,11 +159,16 @@ def test_verify_exit_codes(emu: Emulator, work: Path) -> None:
         assert out.returncode == 0, out.stdout + out.stderr
         assert "0 mismatched" in out.stdout and "OK" in out.stdout
         assert "without a digest" in out.stdout
-        # Corrupt the bytes the large file is served with: verify catches it.
+        # Corrupt the bytes the large file is served with: the mount, which checked the
+        # file whole above, now checks each block of it and refuses the bad one, and
+        # verify reports the file it cannot read.
         emu.faults({"kind": "corrupt", "after": 5000, "match": "files.download"})
+        with open(m.org / BIG, "rb") as f:  # out of the kernel's cache: reads reach us
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         out = enosfs("verify", m.org / BIG, timeout=300)
         assert out.returncode == 1
-        assert "MISMATCH" in out.stdout and "1 mismatched" in out.stdout
+        assert "ERROR" in out.stdout and "1 unreadable" in out.stdout and "0 ok" in out.stdout
+        assert "did not match the file's checked bytes" in m.log_text()
     out = enosfs("verify", work / "nothing-here")
     assert out.returncode == 1 and "no such file" in out.stderr
 

@@ -225,6 +225,7 @@ def test_background_mount_then_umount(emu: Emulator, work: Path) -> None:
         ("unknown-org", "orgId does not exist"),
         ("unreachable", "cannot connect"),
         ("not-empty", "not empty"),
+        ("unsafe-file-name", "file[0].name 'a\\nb' must not contain NUL or control characters"),
     ],
 )
 def test_bad_input_is_one_line_and_nothing_mounted(
@@ -251,6 +252,12 @@ def test_bad_input_is_one_line_and_nothing_mounted(
         )
     elif case == "not-empty":
         (mnt / "file").write_text("x")
+    elif case == "unsafe-file-name":
+        cfg.write_text(
+            cfg.read_text()
+            + f'[[file]]\norg = "{emu.org}"\nasset = "WTG-001"\n'
+            'uri = "enos-connect://x.txt"\nname = "a\\nb"\n'
+        )
     started = time.monotonic()
     for args in (["-f"], []):
         out = enosfs(
@@ -297,3 +304,138 @@ def test_memory_budget_holds_with_50_open_files(emu: Emulator, work: Path) -> No
             next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
         )
         assert peak_kib * 1024 <= (64 + 80) * 1024 * 1024, f"peak RSS {peak_kib} KiB"
+
+
+# -- secrets and configuration input -----------------------------------------------------
+
+
+def _secret_in_proc(pid: int, secret: str) -> list[str]:
+    """Where in /proc/PID the secret shows: environ, cmdline."""
+    found = []
+    for name in ("environ", "cmdline"):
+        if secret.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
+            found.append(name)
+    return found
+
+
+def test_a_background_mount_keeps_no_secret_in_its_environment(emu: Emulator, work: Path) -> None:
+    mnt = work / "bg"
+    mnt.mkdir()
+    cfg = write_config(work / "c.toml", emu)
+    out, pid = background_mount(cfg, mnt, emu)
+    try:
+        assert out.returncode == 0 and pid, out.stderr
+        assert _secret_in_proc(pid, emu.app_secret) == []
+        path, uri = next((p, u) for p, u in sorted(demo_files(emu).items()) if "/feature/" in p)
+        assert (mnt / emu.org / path).read_bytes() == emu.blob(uri)
+    finally:
+        done = enosfs("umount", mnt)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_foreground_mount_keeps_no_secret_in_its_environment(emu: Emulator, work: Path) -> None:
+    with mounted(work, emu) as m:
+        assert _secret_in_proc(m.proc.pid, emu.app_secret) == []
+        assert (m.org / "WTG-001" / "feature").is_dir()
+
+
+def _config_with_secret_file(work: Path, emu: Emulator, secret: str) -> tuple[Path, Path]:
+    secret_file = work / "app.secret"
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    cfg = write_config(work / "c.toml", emu)
+    line = f'app_key = "{emu.app_key}"\n'
+    cfg.write_text(cfg.read_text().replace(line, f'{line}app_secret_file = "{secret_file}"\n'))
+    return cfg, secret_file
+
+
+def test_a_secret_rotated_in_its_file_is_picked_up_without_a_remount(
+    emu: Emulator, work: Path
+) -> None:
+    cfg, secret_file = _config_with_secret_file(work, emu, emu.app_secret)
+    cfg.write_text(cfg.read_text() + '[network]\ntimeout = "3s"\n')
+    mnt = work / "mnt"
+    mnt.mkdir()
+    files = sorted((p, u) for p, u in demo_files(emu).items() if "/feature/" in p)
+    (first, first_uri), (path, uri) = files[0], files[1]
+    want = emu.blob(uri)
+    new_secret = "rotated-secret-9c1e"
+    out, pid = background_mount(cfg, mnt, emu)
+    try:
+        assert out.returncode == 0 and pid, out.stderr
+        assert (mnt / emu.org / first).read_bytes() == emu.blob(first_uri)
+        target = mnt / emu.org / path  # not read yet: its bytes need a token
+        emu.admin("POST", "apps", {"appKey": emu.app_key, "appSecret": new_secret})
+        emu.admin("POST", "tokens/revoke")
+        with pytest.raises(PermissionError):
+            target.read_bytes()
+        fresh = work / "app.secret.new"
+        fresh.write_text(new_secret + "\n")
+        fresh.chmod(0o600)
+        fresh.replace(secret_file)
+        deadline = time.monotonic() + 20
+        got: bytes | None = None
+        while got is None and time.monotonic() < deadline:
+            try:
+                got = target.read_bytes()
+            except PermissionError:
+                time.sleep(0.25)
+        assert got == want, "the new secret in the file was not used"
+    finally:
+        emu.admin("POST", "apps", {"appKey": emu.app_key, "appSecret": emu.app_secret})
+        emu.admin("POST", "tokens/revoke")
+        enosfs("umount", mnt)
+    assert not is_mounted(mnt)
+
+
+def test_a_token_service_answering_expire_0_fails_the_mount_at_once(
+    emu: Emulator, work: Path
+) -> None:
+    mnt = work / "mnt"
+    mnt.mkdir()
+    cfg = write_config(work / "c.toml", emu)
+    emu.admin("POST", "tokens/revoke")
+    emu.switches(token_lifetime=0)
+    try:
+        for args in (["-f"], []):
+            out = enosfs(
+                "mount", *args, "--config", cfg, mnt, env=secret_env(emu.app_secret), timeout=60
+            )
+            assert out.returncode == 1, out
+            assert out.stderr.count("\n") == 1, out.stderr
+            assert "expire=0" in out.stderr and "Traceback" not in out.stderr
+            assert not is_mounted(mnt)
+    finally:
+        emu.admin("POST", "tokens/revoke")
+
+
+@pytest.mark.parametrize(
+    ("gateway", "message"),
+    [
+        ("http://[::1", "enos.gateway is not a valid URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:99999", "enos.gateway is not a valid URL (Port out of range"),
+        ("http://127.0.0.1:abc", "enos.gateway is not a valid URL"),
+        ("http://admin:hunter2-pw@127.0.0.1:1", "enos.gateway must not hold credentials"),
+        ("https://admin:hunter2-pw@[::1", "enos.gateway must not hold credentials"),
+        ("fifo", "is not a regular file"),
+    ],
+)
+def test_bad_urls_and_a_fifo_secret_are_one_line_exit_1(
+    emu: Emulator, work: Path, gateway: str, message: str
+) -> None:
+    mnt = work / "mnt"
+    mnt.mkdir()
+    cfg = write_config(work / "c.toml", emu)
+    if gateway == "fifo":
+        fifo = work / "secret.fifo"
+        os.mkfifo(fifo, 0o600)
+        line = f'app_key = "{emu.app_key}"\n'
+        cfg.write_text(cfg.read_text().replace(line, f'{line}app_secret_file = "{fifo}"\n'))
+    else:
+        cfg.write_text(cfg.read_text().replace(f'"{emu.url}"', f'"{gateway}"'))
+    for args in (["-f"], []):
+        out = enosfs("mount", *args, "--config", cfg, mnt, env=secret_env("s"), timeout=30)
+        assert out.returncode == 1, out
+        assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "hunter2" not in out.stderr
+        assert not is_mounted(mnt)

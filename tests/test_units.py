@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from enosfs.api import check_envelope, file_features, parse_content_range, parse_file_meta
+from enosfs.api import (
+    BadRecord,
+    FileMeta,
+    check_envelope,
+    file_features,
+    parse_content_range,
+    parse_device,
+    parse_file_meta,
+    parse_firmware,
+)
 from enosfs.config import SECRET_ENV, Secret, load_settings, parse_seconds, parse_size
 from enosfs.emulator.app import parse_range
 from enosfs.emulator.expr import ExpressionError, compile_expression
@@ -70,6 +79,25 @@ def test_safe_name(raw: str, want: str) -> None:
     assert safe_name(raw) == want
 
 
+@pytest.mark.parametrize(
+    "char",
+    [
+        *("\u202e", "\u202a", "\u2066", "\u2069", "\u200e", "\u200f"),  # bidi
+        *("\u2215", "\u2044", "\uff0f", "\u29f8"),  # drawn like '/'
+        *("\x85", "\x9b"),  # C1 controls
+    ],
+)
+def test_safe_name_drops_bidi_overrides_lookalike_slashes_and_c1_controls(char: str) -> None:
+    # What `ls` shows must be what the name is: no reordering, no fake path separators.
+    assert safe_name(f"report{char}fdp.exe") == "report_fdp.exe"
+    assert safe_name(f"a{char}b.csv") == "a_b.csv"
+
+
+def test_safe_name_leaves_ordinary_unicode_alone() -> None:
+    for name in ("温度曲线.csv", "Ärger ½ü.txt", "naïve–dash—x.bin", "a\u200db"):
+        assert safe_name(name) == name
+
+
 def test_long_names_are_cut_to_255_bytes_keeping_extension_and_uniqueness() -> None:
     a = safe_name("é" * 300 + ".csv")
     b = safe_name("é" * 299 + "x.csv")
@@ -103,6 +131,11 @@ def test_settle_is_deterministic_and_unique() -> None:
     assert settle(list(reversed(items))) == list(reversed(names))
 
 
+def test_settle_folders_puts_the_suffix_at_the_end() -> None:
+    names = settle([("WT.001", ("1", "WT/001")), ("WT.001", ("0", "WT.001"))], extensions=False)
+    assert names == ["WT.001~2", "WT.001"]
+
+
 # -- config ------------------------------------------------------------------------------
 
 
@@ -113,6 +146,7 @@ def write(tmp: Path, text: str) -> Path:
 
 
 BASE = '[enos]\ngateway = "https://gw.example"\napp_key = "k"\n[[org]]\nid = "o1"\n'
+FILE = BASE + '[[file]]\norg = "o1"\nasset = "a"\nuri = "enos-connect://x.txt"\n'
 
 
 def test_config_minimal_with_secret_from_env(tmp_path: Path) -> None:
@@ -164,6 +198,16 @@ def test_config_full(tmp_path: Path) -> None:
             BASE + '[[file]]\norg = "o2"\nasset = "a"\nuri = "enos-connect://x"\n',
             "is not one of the [[org]] ids",
         ),
+        (FILE + 'name = "a/b"\n', "file[0].name 'a/b' must not contain '/'"),
+        (FILE + 'name = "a\\nb"\n', "file[0].name 'a\\nb' must not contain NUL or control"),
+        (FILE + 'name = "a\\u0000b"\n', "file[0].name 'a\\x00b' must not contain NUL"),
+        (FILE + 'name = "a\\u009bb"\n', "must not contain NUL or control characters"),
+        (FILE + 'name = ".."\n', "file[0].name must not be '.' or '..'"),
+        (FILE + 'name = "."\n', "file[0].name must not be '.' or '..'"),
+        (FILE + 'name = ""\n', "file[0].name must be a non-empty string"),
+        (FILE + f'name = "{"é" * 128}"\n', "file[0].name must be at most 255 bytes"),
+        (FILE + 'name = "x\\u202eb"\n', "file[0].name 'x\\u202eb' is not a safe file name"),
+        (FILE + 'name = "a\u2215b"\n', "is not a safe file name; use 'a_b'"),
     ],
 )
 def test_config_errors_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -265,6 +309,34 @@ def test_file_meta_parsing() -> None:
         parse_file_meta("enos-connect://a.txt", {"md5": "x"})
     with pytest.raises(ProtocolError):
         parse_file_meta("enos-connect://a.txt", None)
+
+
+@pytest.mark.parametrize("size", [2**63, 2**64, -1, 12.5, "12.5", "lots", True, [1]])
+def test_file_meta_with_an_impossible_size_is_a_bad_record(size: object) -> None:
+    with pytest.raises(BadRecord) as info:
+        parse_file_meta("enos-connect://a.txt", {"fileSize": size})
+    assert "a.txt" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(BadRecord):
+        FileMeta(uri="enos-connect://b.bin", size=2**63)  # e.g. from a probe's Content-Range
+    assert parse_file_meta("enos-connect://a.txt", {"fileSize": 2**63 - 1}).size == 2**63 - 1
+
+
+@pytest.mark.parametrize("when", [10**20, -1, -(10**20), 2**63, "soon", 1.5])
+def test_impossible_create_times_are_dropped(when: object) -> None:
+    meta = parse_file_meta("enos-connect://a.txt", {"fileSize": 1, "createTime": when})
+    assert meta.create_time_ms is None
+    fw = parse_firmware({"fileUrl": "enos-connect://f.bin", "createTime": when})
+    assert fw is not None and fw.create_time_ms is None
+    dev = parse_device({"assetId": "a", "createTime": when})
+    assert dev is not None and dev.create_time_ms is None
+
+
+def test_firmware_with_an_impossible_size_has_none() -> None:
+    for size in (2**63, -5, "x", 1.5):
+        fw = parse_firmware({"fileUrl": "enos-connect://f.bin", "fileSize": size})
+        assert fw is not None and fw.size is None  # getFileInfo is asked instead
+    fw = parse_firmware({"fileUrl": "enos-connect://f.bin", "fileSize": 7, "createTime": 9})
+    assert fw is not None and (fw.size, fw.create_time_ms) == (7, 9)
 
 
 def test_file_features_from_maps_or_lists() -> None:
@@ -389,3 +461,63 @@ def test_secret_never_prints() -> None:
     assert "hunter2" not in repr(s) and "hunter2" not in str(s) and "hunter2" not in f"{s}"
     assert s.reveal() == "hunter2"
     assert os.environ.get(SECRET_ENV) != "hunter2"
+
+
+# -- gateway URLs and secret files -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "message"),
+    [
+        ("gateway", "https://user:hunter2@gw.example", "enos.gateway must not hold credentials"),
+        ("gateway", "https://hunter2@gw.example/x", "enos.gateway must not hold credentials"),
+        ("gateway", "https://u:hunter2@[::1", "enos.gateway must not hold credentials"),
+        ("integration", "https://u:hunter2@int.example", "enos.integration must not hold cred"),
+        ("gateway", "http://[::1", "enos.gateway is not a valid URL (Invalid IPv6 URL)"),
+        ("gateway", "http://gw.example:99999", "not a valid URL (Port out of range 0-65535)"),
+        ("integration", "http://gw.example:x", "enos.integration is not a valid URL"),
+        ("gateway", "http://gw.example:0", "enos.gateway is not a valid URL"),
+        ("gateway", "http://gw example", "enos.gateway is not a valid URL"),
+        ("gateway", "http://[::1]x", "enos.gateway is not a valid URL (Invalid port"),
+    ],
+)
+def test_config_refuses_bad_urls_in_one_line_without_the_password(
+    tmp_path: Path, key: str, url: str, message: str
+) -> None:
+    if key == "gateway":
+        text = BASE.replace("https://gw.example", url)
+    else:
+        text = BASE.replace('app_key = "k"', f'app_key = "k"\nintegration = "{url}"')
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={SECRET_ENV: "s"})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_config_keeps_at_signs_outside_the_host_part(tmp_path: Path) -> None:
+    text = BASE.replace("https://gw.example", "https://gw.example:8443/p@th")
+    s = load_settings(write(tmp_path, text), env={SECRET_ENV: "s"})
+    assert s.gateway == "https://gw.example:8443/p@th"
+
+
+def test_config_refuses_a_secret_file_that_is_not_a_regular_file(tmp_path: Path) -> None:
+    """A FIFO would block open() until a writer comes: the mount must refuse, not hang."""
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo, 0o600)
+    text = BASE.replace('app_key = "k"', 'app_key = "k"\napp_secret_file = "secret"')
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_settings(write(tmp_path, text), env={})
+    (tmp_path / "dir").mkdir(mode=0o700)
+    text = BASE.replace('app_key = "k"', 'app_key = "k"\napp_secret_file = "dir"')
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_config_remembers_where_the_secret_file_is(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    secret.chmod(0o600)
+    text = BASE.replace('app_key = "k"', 'app_key = "k"\napp_secret_file = "secret"')
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.app_secret_file == str(secret) and "from-file" not in str(s.redacted())
+    assert load_settings(write(tmp_path, BASE), env={SECRET_ENV: "x"}).app_secret_file is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -17,13 +18,14 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -138,7 +140,9 @@ class BlobResponse:
         headers: dict[str, str],
         counter: Counter[str],
         faults: list[Fault],
+        stopping: asyncio.Event | None = None,
     ) -> None:
+        self.stopping = stopping
         self.path = path
         self.first = first
         self.last = last
@@ -159,11 +163,23 @@ class BlobResponse:
         stalls = sorted((f.after, f.seconds) for f in self.faults if f.kind == "stall")
         rate = min((f.rate for f in self.faults if f.kind == "bandwidth"), default=0.0)
         flips = {f.after for f in self.faults if f.kind == "corrupt"}
-        chunk_size = CHUNK if not rate else max(4096, min(CHUNK, int(rate / 20)))
+        # A slow body trickles (small chunks, often) rather than going silent between
+        # large ones: a client must tell a trickle from a stall.
+        chunk_size = CHUNK if not rate else max(64, min(CHUNK, int(rate / 20)))
+        # A client that hangs up ends the body: a paced or stalled one would otherwise
+        # go on "sending" for minutes, counted as downloaded bytes, into later tests.
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
         fd = os.open(self.path, os.O_RDONLY)
         try:
             sent = 0
-            while sent < length:
+            while sent < length and not gone.is_set():
                 n = min(chunk_size, length - sent)
                 if cut is not None:
                     n = min(n, cut - sent)
@@ -171,7 +187,7 @@ class BlobResponse:
                     n = min(n, stalls[0][0] - sent)
                 if stalls and stalls[0][0] <= sent:
                     self.counter["faults.stall"] += 1
-                    await asyncio.sleep(stalls.pop(0)[1])
+                    await self._pause(stalls.pop(0)[1])
                     continue
                 if cut is not None and sent >= cut:
                     self.counter["faults.cut"] += 1
@@ -192,18 +208,54 @@ class BlobResponse:
                     {"type": "http.response.body", "body": chunk, "more_body": sent < length}
                 )
                 if rate:
-                    await asyncio.sleep(len(chunk) / rate)
+                    await self._pause(len(chunk) / rate)
         finally:
+            watcher.cancel()
             os.close(fd)
+
+    async def _pause(self, seconds: float) -> None:
+        """A stall or a paced body's wait, cut short when the emulator stops: neither may
+        hold up its shutdown."""
+        if self.stopping is None:
+            await asyncio.sleep(seconds)
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        if self.stopping.is_set():
+            raise InjectedCut("injected: emulator stopping")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Is this address (or name) one that only this machine can reach?"""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 class Emulator:
     def __init__(
-        self, state: State, switches: Switches | None = None, faults: Faults | None = None
+        self,
+        state: State,
+        switches: Switches | None = None,
+        faults: Faults | None = None,
+        *,
+        expose_admin: bool = False,
     ) -> None:
         self.state = state
         self.switches = switches or Switches()
         self.faults = faults or Faults()
+        # The admin API hands out live tokens and rewrites state: loopback clients
+        # only, unless asked for (--expose-admin).
+        self.expose_admin = expose_admin
+        # Set when the server is told to stop, so that held replies (stalls) let go.
+        self.stopping = asyncio.Event()
         self.tokens: dict[str, IssuedToken] = {}
         self.seen_signatures: set[str] = set()
         self.counts: Counter[str] = Counter()
@@ -220,17 +272,37 @@ class Emulator:
             Route("/connect-service/v2.1/measurepoints", self.measurepoints, methods=["POST"]),
             Route("/connect-service/v2.1/ota-firmwares", self.firmwares, methods=["GET", "POST"]),
             Route("/model-service/v2.1/thing-models", self.thing_models, methods=["GET"]),
-            Route("/__emulator__/health", self.health, methods=["GET"]),
-            Route("/__emulator__/stats", self.stats, methods=["GET"]),
-            Route("/__emulator__/stats/reset", self.stats_reset, methods=["POST"]),
-            Route("/__emulator__/switches", self.set_switches, methods=["GET", "POST"]),
-            Route("/__emulator__/tokens/revoke", self.revoke_tokens, methods=["POST"]),
-            Route("/__emulator__/faults", self.set_faults, methods=["GET", "POST", "DELETE"]),
-            Route("/__emulator__/replace", self.replace_file, methods=["POST"]),
-            Route("/__emulator__/apps", self.set_app, methods=["POST"]),
-            Route("/__emulator__/tokens", self.list_tokens, methods=["GET"]),
         ]
+        admin = [
+            ("health", self.health, ["GET"]),
+            ("stats", self.stats, ["GET"]),
+            ("stats/reset", self.stats_reset, ["POST"]),
+            ("switches", self.set_switches, ["GET", "POST"]),
+            ("tokens/revoke", self.revoke_tokens, ["POST"]),
+            ("faults", self.set_faults, ["GET", "POST", "DELETE"]),
+            ("replace", self.replace_file, ["POST"]),
+            ("apps", self.set_app, ["POST"]),
+            ("tokens", self.list_tokens, ["GET"]),
+        ]
+        for path, endpoint, methods in admin:
+            routes.append(
+                Route(f"/__emulator__/{path}", self._admin_only(endpoint), methods=methods)
+            )
         return Starlette(routes=routes)
+
+    def _admin_only(
+        self, endpoint: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            peer = request.client.host if request.client else None
+            if not self.expose_admin and not is_loopback(peer):
+                return JSONResponse(
+                    {"error": "the admin API answers loopback clients only (--expose-admin)"},
+                    status_code=403,
+                )
+            return await endpoint(request)
+
+        return guarded
 
     async def gate(self, request: Request, kind: str, *, auth: bool = True) -> Response | None:
         """Count the request, play the faults picked for it, check its token.
@@ -262,6 +334,9 @@ class Emulator:
             if fault.kind == "nodata":
                 self.counts["faults.nodata"] += 1
                 return JSONResponse({"code": 0, "msg": "OK", "requestId": str(uuid.uuid4())})
+            if fault.kind == "bloat":
+                self.counts["faults.bloat"] += 1
+                return StreamingResponse(_bloated(fault.size), media_type="application/json")
         return self.authorize(request) if auth else None
 
     def authorize(self, request: Request) -> Response | None:
@@ -539,11 +614,11 @@ class Emulator:
             return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
         if wanted is None:
             self.counts["files.download.full"] += 1
-            return BlobResponse(path, 0, size - 1, 200, headers, self.counts, faults)
+            return BlobResponse(path, 0, size - 1, 200, headers, self.counts, faults, self.stopping)
         first, last = wanted  # type: ignore[misc]
         self.counts["files.download.ranged"] += 1
         headers["content-range"] = f"bytes {first}-{last}/{size}"
-        return BlobResponse(path, first, last, 206, headers, self.counts, faults)
+        return BlobResponse(path, first, last, 206, headers, self.counts, faults, self.stopping)
 
     # -- integration (upload) ------------------------------------------------------------
 
@@ -871,6 +946,16 @@ class Emulator:
         )
         self.state.save()
         return envelope({"firmwareId": fid})
+
+
+async def _bloated(size: int) -> Any:
+    """A success envelope with `size` blanks inside: valid JSON, and huge."""
+    yield b'{"code": 0, "msg": "OK", "requestId": "bloat", "data": {}'
+    blanks = b" " * CHUNK
+    while size > 0:
+        yield blanks[: min(size, CHUNK)]
+        size -= CHUNK
+    yield b"}"
 
 
 def _project(doc: dict[str, Any], paths: list[str]) -> dict[str, Any]:

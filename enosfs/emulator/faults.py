@@ -13,6 +13,7 @@ repeated), and optionally only a number of times. Faults are set at start
 | deny      | envelope 99403 (the app lacks the permission)                     |
 | garbage   | HTTP 200 with a body that is not JSON (a proxy's error page)      |
 | nodata    | a success envelope without its `data` field                       |
+| bloat     | a success envelope padded with `size` bytes of blanks (valid JSON) |
 | reset     | a download cut (connection closed) after `after` body bytes       |
 | short     | a download whose Content-Length promises more than is then sent  |
 | stall     | a download that stops for `seconds` after `after` body bytes      |
@@ -34,6 +35,7 @@ KINDS = (
     "deny",
     "garbage",
     "nodata",
+    "bloat",
     "reset",
     "short",
     "stall",
@@ -58,6 +60,7 @@ class Fault:
     code: int = 99500
     after: int = 0
     rate: float = 0.0
+    size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -72,6 +75,8 @@ class Fault:
             self.status = 200
         if self.kind == "bandwidth" and self.rate <= 0:
             raise FaultError("a bandwidth fault needs rate > 0 (bytes per second)")
+        if self.kind == "bloat" and self.size <= 0:
+            raise FaultError("a bloat fault needs size > 0 (bytes of padding)")
         if self.kind in ("latency", "stall") and self.seconds <= 0:
             raise FaultError(f"a {self.kind} fault needs seconds > 0")
 
@@ -100,7 +105,7 @@ class Fault:
                 doc[key] = value
             elif key in ("share", "seconds", "rate"):
                 doc[key] = _number(value, key, float)
-            elif key in ("times", "status", "code", "after"):
+            elif key in ("times", "status", "code", "after", "size"):
                 doc[key] = _number(value, key, int)
             else:
                 raise FaultError(f"unknown fault option {key!r}")

@@ -11,14 +11,17 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import socket
 import sys
 import tempfile
-from contextlib import suppress
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from enosfs.emulator.app import Emulator, InjectedCut, Switches
+from enosfs.emulator.app import Emulator, InjectedCut, Switches, is_loopback
 from enosfs.emulator.demo import LARGE_DEFAULT, build_demo
 from enosfs.emulator.faults import Faults
 from enosfs.emulator.state import STATE_FILE, SeedError, State, build_state, load_seed, reset_dir
@@ -36,6 +39,11 @@ class EmulatorOptions:
     faults: Faults | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    expose_admin: bool = False
+
+
+# A reply held by a fault (stall, bandwidth) may keep shutdown waiting this long at most.
+GRACEFUL_SHUTDOWN = 1.0
 
 
 def _fingerprint(*parts: bytes) -> str:
@@ -106,7 +114,59 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM ends the process through `finally` blocks (the temporary data folder is
+    removed), instead of killing it where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def _signals_noted(seen: list[int]) -> Iterator[None]:
+    """While uvicorn serves, a SIGTERM is noted, not fatal: uvicorn catches it itself and
+    raises it again once it has shut down, which must then find a harmless handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def admin_warning(host: str, expose_admin: bool) -> str | None:
+    """The start-up warning for an emulator that others than this machine can reach."""
+    if is_loopback(host):
+        return None
+    if expose_admin:
+        return (
+            f"WARNING: listening on {host}: the admin API (/__emulator__/, which hands out "
+            "live tokens and rewrites data) is open to anyone who can reach it"
+        )
+    return (
+        f"WARNING: listening on {host}: the EnOS APIs are open to anyone who can reach it; "
+        "the admin API (/__emulator__/) answers loopback clients only (--expose-admin opens it)"
+    )
+
+
 def serve(opts: EmulatorOptions) -> int:
+    with _sigterm_exits():
+        return _serve(opts)
+
+
+def _serve(opts: EmulatorOptions) -> int:
     import uvicorn
 
     temp: str | None = None
@@ -130,7 +190,7 @@ def serve(opts: EmulatorOptions) -> int:
                 file=sys.stderr,
             )
             return 2
-        emulator = Emulator(state, opts.switches, opts.faults)
+        emulator = Emulator(state, opts.switches, opts.faults, expose_admin=opts.expose_admin)
         logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
         # Writes to a connection the client dropped are expected under faults.
         logging.getLogger("asyncio").setLevel(logging.ERROR)
@@ -148,24 +208,43 @@ def serve(opts: EmulatorOptions) -> int:
             http="httptools",
             loop="uvloop",
             timeout_keep_alive=30,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
         )
         server = uvicorn.Server(config)
+        warning = admin_warning(opts.host, opts.expose_admin)
+        if warning:
+            print(f"enosfs emulator: {warning}", file=sys.stderr, flush=True)
+        seen: list[int] = []
+
+        async def stop_when_told() -> None:
+            # Replies held by faults watch `stopping`, so that shutdown is not held up.
+            while not server.should_exit and not seen:
+                await asyncio.sleep(0.05)
+            server.should_exit = True
+            emulator.stopping.set()
 
         async def main() -> None:
             task = asyncio.create_task(server.serve(sockets=[sock]))
+            watcher = asyncio.create_task(stop_when_told())
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             if server.started:
                 if opts.ready_file:
-                    Path(opts.ready_file).write_text(json.dumps({"url": url}))
+                    Path(opts.ready_file).write_text(
+                        json.dumps({"url": url, "data_dir": str(data_dir)})
+                    )
                 orgs = ", ".join(state.orgs) or "none"
                 print(
                     f"enosfs emulator listening on {url} (orgs: {orgs}; data in {data_dir})",
                     flush=True,
                 )
-            await task
+            try:
+                await task
+            finally:
+                watcher.cancel()
 
-        asyncio.run(main())
+        with _signals_noted(seen):
+            asyncio.run(main())
         return 0
     finally:
         if temp:
