@@ -88,6 +88,15 @@ class CachedFile:
 
 
 @dataclass
+class Progress:
+    """How one fetch is doing: when its last bytes came, and how many of its bodies
+    were dropped as too slow. Readers waiting on its blocks judge it by this."""
+
+    at: float = float("-inf")
+    slow_drops: int = 0
+
+
+@dataclass
 class Flight:
     """One block on its way, filled by one or two fetches; it knows which byte ranges
     of the block have landed, and wakes each reader once its own range has."""
@@ -102,6 +111,16 @@ class Flight:
     # Its bytes are checked when the block is whole (a file a reading matched), so no
     # reader may have any of them before then.
     hold: bool = False
+    feeds: list[Progress] = field(default_factory=list)  # the fetches filling it
+    refetched: bool = False  # fetched again once after failing its check
+
+    def alive(self, now: float) -> bool:
+        """Are bytes for this block coming right now, on a body not judged too slow?"""
+        return any(now - p.at < LIVE for p in self.feeds)
+
+    @property
+    def slow_drops(self) -> int:
+        return sum(p.slow_drops for p in self.feeds)
     waiters: list[tuple[int, int, trio.Event]] = field(default_factory=list)
 
     def covered(self, lo: int, hi: int) -> bool:
@@ -194,12 +213,10 @@ class BlockCache:
         )
         self.inflight = 0  # bytes of blocks claimed and not yet delivered or failed
         self.etags: dict[tuple[str, Hashable], str] = {}
-        # Per file version: when its bytes last arrived, and how many of its bodies
-        # were dropped as too slow (what a waiting reader judges the fetch by).
-        self.live: dict[tuple[str, Hashable], float] = {}
-        self.slow_drops: Counter[tuple[str, Hashable]] = Counter()
         # Per file version a whole reading matched: the CRC-32 of each of its blocks.
         self.good: OrderedDict[tuple[str, Hashable], list[int]] = OrderedDict()
+        # Per file version: open files whose whole reading is being checked (fs.py).
+        self.readings: Counter[tuple[str, Hashable]] = Counter()
         self.failures: dict[tuple[object, ...], tuple[float, BaseException]] = {}
         # Told when a download shows a file changed under us (the namespace re-checks).
         self.on_changed: Callable[[str], None] | None = None
@@ -243,18 +260,19 @@ class BlockCache:
 
         parts: list[memoryview] = []
         deadline = trio.current_time() + self.wait_limit
-        drops = self.slow_drops[f.key]
         for index, lo, hi in spans:
+            flight = self.flights.get(self._key(f, index))
+            drops = flight.slow_drops if flight is not None else 0
             while True:
                 with trio.move_on_at(deadline) as scope:
                     block = await self._block(f, index, lo, hi)
                 if not scope.cancelled_caught:
                     break
-                # Out of time; but while bytes of the file keep coming at a speed that
-                # is not judged too slow, they are not "bytes that do not come".
+                # Out of time; but while the bytes of this very block keep coming at a
+                # speed not judged too slow, they are not "bytes that do not come".
                 now = trio.current_time()
-                alive = now - self.live.get(f.key, float("-inf")) < LIVE
-                if not alive or self.slow_drops[f.key] != drops:
+                flight = self.flights.get(self._key(f, index))
+                if flight is not None and (not flight.alive(now) or flight.slow_drops != drops):
                     raise self._timed_out(f, spans)
                 deadline = now + LIVE
             parts.append(memoryview(block)[lo:hi])
@@ -297,11 +315,6 @@ class BlockCache:
             if not self._available(f, index, lo, hi):
                 self._remember_failure(self._key(f, index), now, error)
         return error
-
-    def _note_slow(self, f: CachedFile) -> None:
-        if len(self.slow_drops) > 10_000:
-            self.slow_drops.clear()
-        self.slow_drops[f.key] += 1
 
     def _remember_failure(self, key: tuple[object, ...], now: float, error: EnosfsError) -> None:
         if len(self.failures) > 1000:
@@ -551,9 +564,11 @@ class BlockCache:
         self._deliver(f, index, flight, from_disk=True)
 
     def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
+        progress = Progress()
         for flight in owned.values():
             flight.fetchers += 1
-        self.nursery.start_soon(self._fetch, f, start, end, owned)
+            flight.feeds.append(progress)
+        self.nursery.start_soon(self._fetch, f, start, end, owned, progress)
 
     def _deliver(
         self, f: CachedFile, index: int, flight: Flight, *, from_disk: bool = False
@@ -566,6 +581,13 @@ class BlockCache:
                 key = self._disk_key(f, index)
                 if key is not None:
                     self.nursery.start_soon(self.disk.discard, [key])
+            if not flight.refetched:
+                # Once more from the network; readers keep waiting (the flight holds).
+                flight.refetched = True
+                flight.spans = []
+                start = index * self.block_size
+                self._spawn(f, start, start + flight.size, {index: flight})
+                return
             self._fail(f, {index: flight}, IntegrityError(f"download {f.ref.uri}: bad block"))
             return
         self.lru[self._key(f, index)] = flight.buffer
@@ -573,14 +595,18 @@ class BlockCache:
         self._landed_or_lost(f, index, flight)
         self.failures.pop(self._key(f, index), None)
         flight.finish()
-        checked = self.checked_as_read(f)
+        # A block of a large file is kept on disk at once when the file's block CRCs
+        # are known (it was just checked); while a whole reading of it may be under
+        # way, staged until that reading matches; otherwise not at all, since nothing
+        # would ever vouch for it.
+        staged = self.checked_as_read(f) and f.key not in self.good
+        if staged and not self.readings[f.key]:
+            return
         key = None if from_disk else self._disk_key(f, index)
         if key is not None and self.disk is not None:
             # The write task holds the buffer, so it is not reused before it is written.
-            # A block of a file checked as it is read is kept on disk only once the
-            # whole file has matched its digest (staged until then).
             self.nursery.start_soon(
-                functools.partial(self.disk.put, key, flight.data, staged=checked)
+                functools.partial(self.disk.put, key, flight.data, staged=staged)
             )
 
     def _fail(self, f: CachedFile, owned: dict[int, Flight], error: BaseException) -> None:
@@ -597,7 +623,14 @@ class BlockCache:
 
     # -- fetching ------------------------------------------------------------------------
 
-    async def _fetch(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
+    async def _fetch(
+        self,
+        f: CachedFile,
+        start: int,
+        end: int,
+        owned: dict[int, Flight],
+        progress: Progress | None = None,
+    ) -> None:
         """Download bytes [start, end) into the blocks they belong to, resuming a cut
         body from the byte it reached. Blocks this task does not own (another fetch
         fills them, or they are cached) are read past. `owned` holds the flights this
@@ -607,13 +640,13 @@ class BlockCache:
         pos = start
         block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
-        slow_bodies = 0
+        slow_bodies = 0  # bodies in a row dropped as too slow
+        progress = progress or Progress()
+        pace: _Pace | None = None
         reached = pos
         completed = False
         failure: EnosfsError | None = None
         self.stats["fetches"] += 1
-        if len(self.live) > 10_000:
-            self.live.clear()
         # A whole file fetched at once is checked against its digest before any reader
         # sees a byte of it: its blocks land only after the check.
         verify = f.digest is not None and start == 0 and end == f.size
@@ -627,11 +660,15 @@ class BlockCache:
                         self._check_version(f, body)
                         if not body.ranged:
                             was = pos
-                            pos, end = self._adopt_whole_body(f, pos, end, block, owned)
+                            pos, end = self._adopt_whole_body(
+                                f, pos, end, block, owned, progress
+                            )
                             if hasher is not None and pos != was:
-                                raise TransportError(f"download {f.ref.uri}: cannot resume")
-                        pace = _Pace(self.min_speed, self.speed_time)
+                                if pos != 0:
+                                    raise TransportError(f"download {f.ref.uri}: cannot resume")
+                                hasher = hashlib.new(hasher.name)  # hashed again from 0
                         if await _skip(body, pos - body.start):
+                            pace = _Pace(self.min_speed, self.speed_time)
                             while pos < end:
                                 index = pos // bs
                                 bstart = index * bs
@@ -651,11 +688,12 @@ class BlockCache:
                                 if n == 0:
                                     break
                                 if pace.too_slow(n):
-                                    slow_bodies += 1
+                                    slow_bodies = (0 if pace.proven else slow_bodies) + 1
                                     self.stats["slow_bodies"] += 1
-                                    self._note_slow(f)
+                                    progress.slow_drops += 1
+                                    progress.at = float("-inf")
                                     raise _TooSlow
-                                self.live[f.key] = pace.now
+                                progress.at = pace.now
                                 self.stats["bytes"] += n
                                 if hasher is not None:
                                     hasher.update(view[:n])
@@ -677,6 +715,8 @@ class BlockCache:
                             f"download {f.ref.uri}: slower than {self.min_speed} bytes/s "
                             f"for {self.speed_time:g}s, {slow_bodies} times"
                         ) from None
+                if pace is not None and pace.proven and slow_bodies and not pace.dropped:
+                    slow_bodies = 0  # a body that kept its speed for a window
                 if pos < end:
                     # Resume as long as each body brings something; give up after
                     # MAX_RESUMES bodies in a row that brought nothing.
@@ -754,7 +794,13 @@ class BlockCache:
             raise FileChanged(f"download {f.ref.uri}: the file changed ({changed})")
 
     def _adopt_whole_body(
-        self, f: CachedFile, pos: int, end: int, block: bytearray | None, owned: dict[int, Flight]
+        self,
+        f: CachedFile,
+        pos: int,
+        end: int,
+        block: bytearray | None,
+        owned: dict[int, Flight],
+        progress: Progress,
     ) -> tuple[int, int]:
         """The server ignored Range and sends the whole file: take every block it brings.
 
@@ -770,6 +816,7 @@ class BlockCache:
             if i not in owned and self._missing(f, i):
                 owned[i] = self._claim(f, i)
                 owned[i].fetchers += 1
+                owned[i].feeds.append(progress)
         if block is None:
             pos = min([pos, *(i * bs for i in owned)])
         return pos, max([end, *(min(f.size, (i + 1) * bs) for i in owned)])
@@ -787,6 +834,8 @@ class _Pace:
         self.period = period
         self.since = self.now = trio.current_time()
         self.got = 0
+        self.proven = False  # a whole window passed above the floor
+        self.dropped = False
 
     def too_slow(self, n: int) -> bool:
         """Count n more bytes; True once a whole window brought fewer than the floor.
@@ -800,6 +849,8 @@ class _Pace:
             return False
         slow = self.got < self.floor * (now - self.since) / self.period
         self.since, self.got = now, 0
+        self.proven = self.proven or not slow
+        self.dropped = slow
         return slow
 
 

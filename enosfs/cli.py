@@ -202,7 +202,11 @@ def reexec_without_secret(args: argparse.Namespace) -> None:
     cmd += child_args(args)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, cmd, env_without_secret())
+    try:
+        os.execve(sys.executable, cmd, env_without_secret())
+    except OSError as exc:
+        why = f"cannot restart the mount without the secret in its environment: {exc.strerror}"
+        raise ConfigError(f"{why}; use app_secret_file") from None
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

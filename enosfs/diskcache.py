@@ -56,6 +56,7 @@ class DiskCache:
         self.used = 0  # bytes on disk, and reserved for writes under way
         self._writing: set[str] = set()
         self._promote_later: dict[str, int] = {}  # staged name -> the CRC it must have
+        self._promoting: set[str] = set()  # staged names being checked and renamed
         # Disk bytes promised to writes under way: statvfs does not see them yet, so
         # each write checks free space net of the others', under one lock.
         self._reserved = 0
@@ -201,7 +202,7 @@ class DiskCache:
         if staged:
             # A staged copy is replaced: the latest delivery is what a pass hashes.
             name += STAGED
-            if name in self._writing:
+            if name in self._writing or name in self._promoting:
                 return
             self._forget(name)
         encoded = key.encode("utf-8", "surrogatepass")
@@ -263,7 +264,12 @@ class DiskCache:
 
     async def _promote(self, names: dict[str, int]) -> None:
         moves = [(self._path(n), self._path(n[: -len(STAGED)]), crc) for n, crc in names.items()]
-        done = await trio.to_thread.run_sync(_rename_matching, moves)
+        # No new staged copy may replace one between its check and its rename.
+        self._promoting.update(names)
+        try:
+            done = await trio.to_thread.run_sync(_rename_matching, moves)
+        finally:
+            self._promoting.difference_update(names)
         for name, ok in zip(names, done, strict=True):
             size = self.index.pop(name, None)
             if size is None:

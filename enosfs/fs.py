@@ -37,6 +37,8 @@ XATTR_PREFIX = "user.enos."
 # How far past the next byte to hash a read may end and still be held for hashing: the
 # kernel's parallel reads of its read-ahead window land slightly out of order.
 READING_WINDOW = 4 * 1024 * 1024
+# Served bytes not hashed yet; a read waits above this, so hashing keeps up.
+MAX_HASH_BACKLOG = 16 * 1024 * 1024
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
@@ -111,6 +113,7 @@ class Handle:
     reading: Reading | None = None
     direct: bool = False  # bypasses the kernel's page cache
     page_user: bool = False  # may fill the kernel's page cache of its inode
+    judged: bool = False  # its reading's verdict was acted on
 
 
 class EnosFS(pyfuse3.Operations):
@@ -318,11 +321,16 @@ class EnosFS(pyfuse3.Operations):
         algorithm, want = h.cached.digest
         window = max(READING_WINDOW, 2 * self.settings.kernel_read_ahead)
         h.reading = Reading(algorithm, want, h.cached.size, window, self.cache.block_size)
-        if not h.direct and self.page_users[h.inode] > 0:
+        self.cache.readings[h.cached.key] += 1
+        if h.direct:
+            return keep
+        if self.page_users[h.inode] > 0:
+            # Bypasses the page cache, and keeps it: dropping it would make the kernel
+            # read the first open file's pages again, which breaks its reading.
             h.direct = True
-        elif not h.direct:
-            h.page_user = True
-            self.page_users[h.inode] += 1
+            return True
+        h.page_user = True
+        self.page_users[h.inode] += 1
         return False
 
     def _folder_read_ahead(self, f: File) -> None:
@@ -382,9 +390,15 @@ class EnosFS(pyfuse3.Operations):
         if reading.ok is not None:
             return
         reading.served(off, data, self.cache.nursery)
+        while reading.backlog > MAX_HASH_BACKLOG:
+            await reading.hashed_some()  # what is queued pins cache blocks
         if not reading.complete:
             return
-        if await reading.result():
+        verdict = await reading.result()
+        if verdict is None or h.judged:
+            return
+        h.judged = True  # two reads may both complete it; one verdict
+        if verdict:
             await self.cache.matched(h.cached, reading.block_crcs())
             if not h.page_user:
                 # Pages another open file put in the kernel's cache were not checked;
@@ -404,6 +418,9 @@ class EnosFS(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is not None:
             if h.reading is not None:
+                self.cache.readings[h.cached.key] -= 1
+                if self.cache.readings[h.cached.key] <= 0:
+                    del self.cache.readings[h.cached.key]
                 if h.reading.broken:
                     self.stats["readings_broken"] += 1
                 elif h.reading.ok is not None:

@@ -57,6 +57,8 @@ class Reading:
         self.held_bytes = 0
         self.broken = False  # a gap or a re-read: this reading makes no claim
         self.queue: list[Chunk] = []
+        self.queued = 0
+        self._progress = trio.Event()
         self.hashing = False
         self.idle = trio.Event()
         self.idle.set()
@@ -64,8 +66,8 @@ class Reading:
 
     def served(self, offset: int, data: Chunk, nursery: trio.Nursery) -> None:
         """A read of this open file returned data at offset."""
-        if self.broken or self.ok is not None or not len(data):
-            return
+        if self.broken or self.pos == self.size or not len(data):
+            return  # no claim, or every byte is in: the verdict is about those
         if offset > self.pos:
             # The kernel's parallel reads land slightly out of order: hold a few. A read
             # further ahead is a reader that skipped (or started past the beginning).
@@ -84,16 +86,31 @@ class Reading:
             nxt = self.held.pop(self.pos)
             self.held_bytes -= len(nxt)
             self._queue(nxt, nursery)
+        if any(o < self.pos for o in self.held):
+            # Held bytes that overlap what is hashed: a second copy of a page.
+            self._break("overlapping reads")
 
     @property
     def complete(self) -> bool:
         """Every byte of the file was served, in order, and queued for hashing."""
-        return not self.broken and self.pos == self.size
+        return not self.broken and self.pos == self.size and not self.held
 
-    async def result(self) -> bool:
-        """Does what was served match the digest? Only for a complete reading."""
-        assert self.complete
+    @property
+    def backlog(self) -> int:
+        """Bytes served and not hashed yet (they pin their cache blocks)."""
+        return self.queued
+
+    async def hashed_some(self) -> None:
+        """Wait until the hasher has taken another batch (or stopped)."""
+        if self.hashing:
+            await self._progress.wait()
+
+    async def result(self) -> bool | None:
+        """Does what was served match the digest? None: this reading makes no claim
+        after all (it broke, or its hashing failed)."""
         await self.idle.wait()
+        if self.broken or not self.complete:
+            return None
         if self.ok is None:
             self.ok = self.hasher.hexdigest() == self.want
         return self.ok
@@ -109,10 +126,10 @@ class Reading:
         self.broken = True
         self.held.clear()
         self.held_bytes = 0
-        self.queue.clear()
 
     def _queue(self, data: Chunk, nursery: trio.Nursery) -> None:
         self.pos += len(data)
+        self.queued += len(data)
         self.queue.append(data)
         if not self.hashing:
             self.hashing = True
@@ -124,8 +141,17 @@ class Reading:
             while self.queue:
                 batch, self.queue = self.queue, []
                 await trio.to_thread.run_sync(_update, self.hasher, self.blocks, batch)
+                self.queued -= sum(len(b) for b in batch)
+                self._progress.set()
+                self._progress = trio.Event()
+        except Exception:
+            log.exception("hashing a reading failed; it makes no claim")
+            self.broken = True
+            self.queue.clear()
+            self.queued = 0
         finally:
             self.hashing = False
+            self._progress.set()
             self.idle.set()
 
 

@@ -234,9 +234,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stats_of(mountpoint: Path) -> dict[str, Any]:
+    """The mount's /.enosfs/stats."""
+    return dict(json.loads((mountpoint / ".enosfs" / "stats").read_bytes()))
+
+
 def md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def tmpfs_at(where: Path, size: str = "1m") -> Iterator[Path]:
+    """A small tmpfs of our own (needs root), unmounted after: a disk that is really
+    nearly full, or a mount that is not FUSE."""
+    where.mkdir(exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "enosfs-test", str(where)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False, capture_output=True, timeout=30)

@@ -6,14 +6,13 @@ deadline per FUSE call alone does not keep this promise."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import Emulator, demo_files, mounted
+from tests.support import Emulator, demo_files, mounted, stats_of
 
 pytestmark = pytest.mark.mount
 
@@ -83,6 +82,6 @@ def test_a_body_below_the_minimum_speed_is_resumed_on_a_new_connection(
         offset = 70 * 1024 * 1024
         _, result = timed_pread(m.org / BIG, 64 * 1024, offset)
         assert result == blob[offset : offset + 64 * 1024]
-        stats = json.loads((m.path / ".enosfs" / "stats").read_bytes())
+        stats = stats_of(m.path)
         assert stats["cache"]["slow_bodies"] >= 1
         assert emu.fired().get("bandwidth") == 1

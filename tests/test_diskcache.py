@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import trio
 
 from enosfs import diskcache
 from enosfs.diskcache import DiskCache
+from tests.support import tmpfs_at
 
 MiB = 1024 * 1024
 
@@ -22,18 +22,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs of our own, so "the disk is nearly full" is real and cheap."""
     if os.getuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=20m", "enosfs-test", str(where)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    try:
+    with tmpfs_at(tmp_path / "small", "20m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=False, capture_output=True, timeout=30)
 
 
 def free_bytes(path: Path) -> int:

@@ -5,32 +5,18 @@ its last bytes, and no block of it is kept (in memory, on disk, in the kernel) a
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import Emulator, demo_files, md5, mounted, run
+from tests.support import Emulator, demo_files, md5, mounted, run, stats_of
 
 pytestmark = pytest.mark.mount
 
 BIG = "WTG-001/feature/vibration_raw.bin"
 CORRUPT_ONCE = {"kind": "corrupt", "after": 5000, "times": 1, "match": "files.download"}
-
-
-def stats_of(m: Path) -> dict:
-    return json.loads((m / ".enosfs" / "stats").read_bytes())
-
-
-def read_whole(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def wait_for(predicate, seconds: float = 20.0) -> bool:
@@ -55,7 +41,7 @@ def test_a_corrupted_large_file_fails_at_its_end_and_is_right_next_time(
         assert emu.fired().get("corrupt") == 1
         assert "do not match the md5" in m.log_text()
         # The bad bytes are gone from every cache: the next reading fetches and matches.
-        assert read_whole(m.org / BIG) == want
+        assert md5(m.org / BIG) == want
         cache = stats_of(m.path)["cache"]
         assert cache["integrity_failures"] == 1
         assert cache["verified_files"] >= 1
@@ -69,7 +55,7 @@ def test_a_large_file_read_whole_reaches_the_disk_cache_only_once_verified(
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
         emu.faults(CORRUPT_ONCE)
         with pytest.raises(OSError) as info:
-            read_whole(m.org / BIG)
+            md5(m.org / BIG)
         assert info.value.errno == errno.EIO
         # Nothing of the bad reading may be served from disk, now or after a remount.
         assert wait_for(lambda: stats_of(m.path)["cache"]["disk"]["blocks"] == 0)
@@ -109,15 +95,16 @@ def test_bad_bytes_from_a_partial_read_are_caught_by_the_next_whole_read(
     with mounted(work, emu) as m:
         (m.org / BIG).stat()
         emu.faults(CORRUPT_ONCE)
-        # A partial read cannot be checked: its bad bytes stay in the memory cache and
-        # in the kernel's page cache...
-        with open(m.org / BIG, "rb") as f:
+        # A partial read cannot be checked: its bad bytes stay in the memory cache (a
+        # second open file keeps a lone reader from letting its blocks go) and in the
+        # kernel's page cache...
+        with open(m.org / BIG, "rb") as f, open(m.org / BIG, "rb"):
             head = f.read(1024 * 1024)
         assert head != emu.blob(demo_files(emu)[BIG])[: len(head)]
         # ...but a whole reading that follows goes through the check, not around it.
         out = run("md5sum", m.org / BIG)
         assert out.returncode != 0 and "Input/output error" in out.stderr, out.stdout
-        assert read_whole(m.org / BIG) == want
+        assert md5(m.org / BIG) == want
 
 
 def test_once_a_large_file_matched_every_later_fetch_of_it_is_checked(
@@ -126,17 +113,24 @@ def test_once_a_large_file_matched_every_later_fetch_of_it_is_checked(
     uri = demo_files(emu)[BIG]
     blob = emu.blob(uri)
     with mounted(work, emu, '[cache]\nmemory = "16MiB"\n') as m:
-        assert read_whole(m.org / BIG) == emu.blobs()[uri]["md5"]
-        emu.faults(CORRUPT_ONCE)
-        offset = 100 * 1024 * 1024  # long gone from a 16 MiB cache
+        assert md5(m.org / BIG) == emu.blobs()[uri]["md5"]
         fd = os.open(m.org / BIG, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # so the read reaches us
+            # Long gone from a 16 MiB cache; out of the kernel's cache too.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            # A bad copy is refused and fetched again: the reader gets the right bytes.
+            emu.faults(CORRUPT_ONCE)
+            offset = 100 * 1024 * 1024
+            assert os.pread(fd, 65536, offset) == blob[offset : offset + 65536]
+            assert stats_of(m.path)["cache"]["bad_blocks"] == 1
+            # Bad twice: the read fails rather than serve it.
+            emu.faults({**CORRUPT_ONCE, "times": 2})
+            offset = 150 * 1024 * 1024
             with pytest.raises(OSError) as info:
                 os.pread(fd, 65536, offset)
             assert info.value.errno == errno.EIO
+            assert stats_of(m.path)["cache"]["bad_blocks"] == 3
             time.sleep(1.1)  # past the failure memory
             assert os.pread(fd, 65536, offset) == blob[offset : offset + 65536]
         finally:
             os.close(fd)
-        assert stats_of(m.path)["cache"]["bad_blocks"] == 1

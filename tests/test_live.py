@@ -29,15 +29,12 @@ from tests.support import (
     mounted,
     run,
     secret_env,
+    stats_of,
     write_config,
 )
 
 CSV = "WTG-002/feature/scada_export.csv"
 BIG = "WTG-001/feature/vibration_raw.bin"
-
-
-def stats_of(m: Path) -> dict:
-    return json.loads((m / ".enosfs" / "stats").read_bytes())
 
 
 # -- the disk cache ---------------------------------------------------------------------

@@ -32,6 +32,8 @@ from tests.support import (
     is_mounted,
     mounted,
     secret_env,
+    stats_of,
+    tmpfs_at,
     write_config,
 )
 from tests.test_faults import make_cert
@@ -39,30 +41,11 @@ from tests.test_faults import make_cert
 CSV = "WTG-002/feature/scada_export.csv"
 
 
-def stats_of(m: Path) -> dict:
-    return json.loads((m / ".enosfs" / "stats").read_bytes())
-
-
 def wait_gone(pid: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not Path(f"/proc/{pid}").exists(), f"process {pid} is still there"
-
-
-@contextmanager
-def tmpfs_at(where: Path) -> Iterator[Path]:
-    where.mkdir(exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "enosfs-test", str(where)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=False, capture_output=True, timeout=30)
 
 
 # -- enosfs umount ----------------------------------------------------------------------
