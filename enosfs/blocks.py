@@ -291,16 +291,21 @@ class BlockCache:
         """Fail at once where a block's fetch failed (or a reader gave up on it) less
         than FAILURE_MEMORY ago, unless the bytes asked for are here after all."""
         now = trio.current_time()
+        whole = self._recent_failure((*f.key, None), now)
         for index, lo, hi in spans:
-            key = self._key(f, index)
-            failed = self.failures.get(key)
-            if failed is None:
-                continue
-            if now - failed[0] >= FAILURE_MEMORY:
-                del self.failures[key]
-            elif not self._available(f, index, lo, hi):
+            failed = self._recent_failure(self._key(f, index), now) or whole
+            if failed is not None and not self._available(f, index, lo, hi):
                 self.stats["failed_fast"] += 1
                 raise failed[1].with_traceback(None)
+
+    def _recent_failure(
+        self, key: tuple[object, ...], now: float
+    ) -> tuple[float, BaseException] | None:
+        failed = self.failures.get(key)
+        if failed is not None and now - failed[0] >= FAILURE_MEMORY:
+            del self.failures[key]
+            return None
+        return failed
 
     def _timed_out(self, f: CachedFile, spans: list[tuple[int, int, int]]) -> DeadlineError:
         """A reader waited its whole deadline: remember it, so the calls that follow
@@ -314,6 +319,9 @@ class BlockCache:
         for index, lo, hi in spans:
             if not self._available(f, index, lo, hi):
                 self._remember_failure(self._key(f, index), now, error)
+        # The rest of the same system call reads the blocks after these (the kernel
+        # splits a large read, and reads ahead): they would wait a deadline each.
+        self._remember_failure((*f.key, None), now, error)
         return error
 
     def _remember_failure(self, key: tuple[object, ...], now: float, error: EnosfsError) -> None:
