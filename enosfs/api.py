@@ -34,7 +34,7 @@ from enosfs.errors import (
 )
 from enosfs.jsonbody import read_capped
 from enosfs.naming import uri_id
-from enosfs.retry import RetryPolicy, retrying
+from enosfs.retry import RetryPolicy, as_enosfs_error, retrying
 from enosfs.transport import LeanTransport, origin_of
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,10 @@ class FileMeta:
 
     @property
     def version(self) -> tuple[int | None, str | None]:
-        """Identifies this content: a change of size, digest or ETag means new bytes."""
-        return (self.size, self.md5 or self.sign or self.etag)
+        """Identifies this content: a change of size, digest or ETag means new bytes.
+        The sign comes first: the firmware search gives only the sign, getFileInfo the
+        sign and the md5, and the same file must not look changed between the two."""
+        return (self.size, self.sign or self.md5 or self.etag)
 
     @property
     def digest(self) -> tuple[str, str] | None:
@@ -365,13 +367,22 @@ class Body:
     _response: httpx.Response | None = None
     _chunks: AsyncIterator[bytes] | None = None
     _leftover: bytes = b""
+    _what: str = "download"
 
     async def readinto(self, view: memoryview) -> int:
         """Fill the start of view with the next body bytes; 0 at the end of the body.
 
         With the lean transport the socket writes straight into view; otherwise chunks
-        from httpx are copied in.
+        from httpx are copied in. A body that breaks off raises TransportError, or
+        DeadlineError when no bytes came within the read timeout: callers (the block
+        cache) know enosfs errors only, and resume from the bytes they have.
         """
+        try:
+            return await self._readinto(view)
+        except httpx.TransportError as exc:
+            raise as_enosfs_error(exc, f"{self._what}: body broken off") from None
+
+    async def _readinto(self, view: memoryview) -> int:
         if self._prefix:
             n = min(len(view), len(self._prefix))
             view[:n] = self._prefix[:n]
@@ -791,6 +802,7 @@ async def _classify_download(resp: httpx.Response, start: int, what: str) -> Bod
             _prefix=prefix,
             _response=resp,
             _chunks=chunks,
+            _what=what,
         )
     return Body(
         start=0,
@@ -801,4 +813,5 @@ async def _classify_download(resp: httpx.Response, start: int, what: str) -> Bod
         _prefix=prefix,
         _response=resp,
         _chunks=chunks,
+        _what=what,
     )

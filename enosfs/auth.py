@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import trio
@@ -259,10 +260,10 @@ class TokenSource:
             raise ProtocolError(f"{what}: HTTP {resp.status_code}, body is not JSON") from None
         if not isinstance(doc, dict):
             raise ProtocolError(f"{what}: unexpected answer")
-        status = doc.get("status", doc.get("stauts"))
+        given: Any = doc.get("status", doc.get("stauts"))  # any JSON value, or absent
         msg = str(doc.get("msg") or doc.get("message") or "")
         try:
-            status = int(status)  # type: ignore[arg-type]
+            status = int(given)
         except (TypeError, ValueError):
             raise ProtocolError(f"{what}: HTTP {resp.status_code}, no status: {msg}") from None
         if status == 0:

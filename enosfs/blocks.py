@@ -30,14 +30,14 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-import httpx
 import trio
 from cachetools import LRUCache
 
-from enosfs.api import Body, EnosClient, FileMeta, FileRef
+from enosfs.api import FileMeta, FileRef
 from enosfs.diskcache import DiskCache, block_key
 from enosfs.errors import DeadlineError, EnosfsError, FileChanged, IntegrityError, TransportError
 from enosfs.quiet import Quieter
+from enosfs.source import Download, Source
 
 log = logging.getLogger(__name__)
 _quiet = Quieter(log)
@@ -171,7 +171,7 @@ class Flight:
 class BlockCache:
     def __init__(
         self,
-        client: EnosClient,
+        client: Source,
         nursery: trio.Nursery,
         *,
         block_size: int = 1024 * 1024,
@@ -215,6 +215,8 @@ class BlockCache:
         self.etags: dict[tuple[str, Hashable], str] = {}
         # Per file version a whole reading matched: the CRC-32 of each of its blocks.
         self.good: OrderedDict[tuple[str, Hashable], list[int]] = OrderedDict()
+        # Per file version a reading just matched: set once its cached blocks are checked.
+        self.scanning: dict[tuple[str, Hashable], trio.Event] = {}
         # Per file version: open files whose whole reading is being checked (fs.py).
         self.readings: Counter[tuple[str, Hashable]] = Counter()
         self.failures: dict[tuple[object, ...], tuple[float, BaseException]] = {}
@@ -228,9 +230,20 @@ class BlockCache:
     # -- reading -------------------------------------------------------------------------
 
     async def read(
-        self, f: CachedFile, offset: int, size: int, *, consume: bool = False
+        self,
+        f: CachedFile,
+        offset: int,
+        size: int,
+        *,
+        consume: bool = False,
+        wait_limit: float | None = None,
+        no_wait: bool = False,
     ) -> bytes | memoryview:
         """Exactly the bytes [offset, offset+size) of f, fewer only at end of file.
+
+        Waits for bytes that do not come at most wait_limit seconds (default: the
+        deadline plus a grace), longer only while they are still coming; with no_wait,
+        not at all (DeadlineError): the caller's system call already waited its fill.
 
         A read inside one block is a view of the cached block: no copy on the way to the
         kernel. A read across blocks is joined. With consume (a sequential reader, whose
@@ -240,6 +253,8 @@ class BlockCache:
         self._recycle()
         if offset >= f.size or size <= 0:
             return b""
+        if self.scanning and (scan := self.scanning.get(f.key)) is not None:
+            await scan.wait()
         end = min(offset + size, f.size)
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
@@ -253,13 +268,17 @@ class BlockCache:
         ]
         if self.failures:
             self._fail_fast(f, spans)
+        if no_wait and not all(self._available(f, i, lo, hi) for i, lo, hi in spans):
+            self.stats["failed_fast"] += 1
+            raise DeadlineError(f"download {f.ref.uri}: the bytes are still not here")
         if f.size <= self.whole_file_limit:
             self._ensure_whole(f)
         else:
             self._ensure(f, first, last, hint=offset)
 
         parts: list[memoryview] = []
-        deadline = trio.current_time() + self.wait_limit
+        limit = self.wait_limit if wait_limit is None else min(wait_limit, self.wait_limit)
+        deadline = trio.current_time() + limit
         for index, lo, hi in spans:
             flight = self.flights.get(self._key(f, index))
             drops = flight.slow_drops if flight is not None else 0
@@ -291,9 +310,8 @@ class BlockCache:
         """Fail at once where a block's fetch failed (or a reader gave up on it) less
         than FAILURE_MEMORY ago, unless the bytes asked for are here after all."""
         now = trio.current_time()
-        whole = self._recent_failure((*f.key, None), now)
         for index, lo, hi in spans:
-            failed = self._recent_failure(self._key(f, index), now) or whole
+            failed = self._recent_failure(self._key(f, index), now)
             if failed is not None and not self._available(f, index, lo, hi):
                 self.stats["failed_fast"] += 1
                 raise failed[1].with_traceback(None)
@@ -319,9 +337,6 @@ class BlockCache:
         for index, lo, hi in spans:
             if not self._available(f, index, lo, hi):
                 self._remember_failure(self._key(f, index), now, error)
-        # The rest of the same system call reads the blocks after these (the kernel
-        # splits a large read, and reads ahead): they would wait a deadline each.
-        self._remember_failure((*f.key, None), now, error)
         return error
 
     def _remember_failure(self, key: tuple[object, ...], now: float, error: EnosfsError) -> None:
@@ -348,22 +363,35 @@ class BlockCache:
         if len(crcs) != (f.size - 1) // self.block_size + 1:
             return
         self.stats["verified_files"] += 1
+        if f.key in self.good:
+            return  # another reading of it matched first, and did the rest
         self.good[f.key] = crcs
         self.good.move_to_end(f.key)
         while len(self.good) > MAX_GOOD_FILES:
             self.good.popitem(last=False)
+        # Blocks on their way: no more of their bytes before they are whole and checked.
+        for flight_key, flight in self.flights.items():
+            if flight_key[:2] == f.key:
+                flight.hold = True
         if self.disk is not None and f.digest is not None:
             keys = {
                 key: crcs[i] for i in range(len(crcs)) if (key := self._disk_key(f, i)) is not None
             }
             self.nursery.start_soon(self.disk.promote, keys)
-        # Blocks cached before now may be other copies than those the reading hashed.
-        cached = [(i, b) for i in range(len(crcs)) if (b := self.lru.get(self._key(f, i)))]
-        found = await trio.to_thread.run_sync(_crcs, [b for _, b in cached])
-        for (index, block), crc in zip(cached, found, strict=True):
-            if crc != crcs[index] and self.lru.get(self._key(f, index)) is block:
-                del self.lru[self._key(f, index)]
-                self._bad_block(f, index)
+        # Blocks cached before now may be other copies than those the reading hashed;
+        # readers of the file wait until they are checked.
+        scan = self.scanning[f.key] = trio.Event()
+        try:
+            cached = [(i, b) for i in range(len(crcs)) if (b := self.lru.get(self._key(f, i)))]
+            found = await trio.to_thread.run_sync(_crcs, [b for _, b in cached])
+            for (index, block), crc in zip(cached, found, strict=True):
+                if crc != crcs[index] and self.lru.get(self._key(f, index)) is block:
+                    del self.lru[self._key(f, index)]
+                    self._bad_block(f, index)
+        finally:
+            if self.scanning.get(f.key) is scan:
+                del self.scanning[f.key]
+            scan.set()
 
     def _bad_block(self, f: CachedFile, index: int) -> None:
         self.stats["bad_blocks"] += 1
@@ -572,7 +600,7 @@ class BlockCache:
         self._deliver(f, index, flight, from_disk=True)
 
     def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
-        progress = Progress()
+        progress = Progress(at=trio.current_time())  # a fetch just started is coming
         for flight in owned.values():
             flight.fetchers += 1
             flight.feeds.append(progress)
@@ -617,7 +645,7 @@ class BlockCache:
                 functools.partial(self.disk.put, key, flight.data, staged=staged)
             )
 
-    def _fail(self, f: CachedFile, owned: dict[int, Flight], error: BaseException) -> None:
+    def _fail(self, f: CachedFile, owned: dict[int, Flight], error: EnosfsError) -> None:
         for index, flight in owned.items():
             if flight.done.is_set():
                 continue
@@ -692,7 +720,7 @@ class BlockCache:
                                         block = flight.buffer
                                 stop = min(bstart + len(block), end)
                                 view = memoryview(block)[pos - bstart : stop - bstart]
-                                n = await body.readinto(view)
+                                n = await _read(body, view)
                                 if n == 0:
                                     break
                                 if pace.too_slow(n):
@@ -708,13 +736,17 @@ class BlockCache:
                                 if flight is not None and not verify:
                                     flight.landed(pos - bstart, pos - bstart + n)
                                 pos += n
-                                if flight is not None and flight.complete:
+                                if (
+                                    flight is not None
+                                    and flight.complete
+                                    and not flight.done.is_set()  # the other half did
+                                ):
                                     self._let_go(owned, index)
                                     self._deliver(f, index, flight)
                                 if pos == stop:
                                     block = None
-                except httpx.TransportError as exc:
-                    log.debug("download of %s interrupted: %r", f.ref.uri, exc)
+                except _Broken as exc:
+                    log.debug("download of %s interrupted: %s", f.ref.uri, exc)
                 except _TooSlow:
                     # Dropped (its connection with it); the bytes it brought are kept.
                     log.debug("download of %s below the minimum speed", f.ref.uri)
@@ -781,7 +813,7 @@ class BlockCache:
             self._let_go(owned, index)
             self._deliver(f, index, flight)
 
-    def _check_version(self, f: CachedFile, body: Body) -> None:
+    def _check_version(self, f: CachedFile, body: Download) -> None:
         """Refuse bytes of another version than f's: a different size, or a different
         ETag from the one this version was first served with."""
         changed = None
@@ -834,6 +866,22 @@ class _TooSlow(Exception):
     """A body stayed below the minimum speed for the whole grace period."""
 
 
+class _Broken(Exception):
+    """A body broke off while being read: resumed from the byte it reached.
+
+    Only a failure of the read itself is this. The same TransportError raised while
+    opening the download (the source's retries spent) or by the cache's own checks (a
+    changed file, a stream that cannot resume) ends the fetch instead.
+    """
+
+
+async def _read(body: Download, view: memoryview) -> int:
+    try:
+        return await body.readinto(view)
+    except TransportError as exc:
+        raise _Broken(str(exc)) from None
+
+
 class _Pace:
     """The speed of one body, measured over windows of `period` seconds."""
 
@@ -862,13 +910,13 @@ class _Pace:
         return slow
 
 
-async def _skip(body: Body, count: int) -> bool:
+async def _skip(body: Download, count: int) -> bool:
     """Read and drop count bytes (a server that ignored Range); False if the body ended."""
     if count <= 0:
         return True
     scratch = memoryview(bytearray(min(count, 1024 * 1024)))
     while count > 0:
-        n = await body.readinto(scratch[: min(count, len(scratch))])
+        n = await _read(body, scratch[: min(count, len(scratch))])
         if n == 0:
             return False
         count -= n

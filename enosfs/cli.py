@@ -11,11 +11,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +28,10 @@ from enosfs.config import (
     parse_size,
     validated,
 )
+from enosfs.emulator.process import start_emulator, stop_process
 from enosfs.errors import EnosfsError
+from enosfs.options import describe_options
+from enosfs.settings_schema import BY_FIELD
 
 log = logging.getLogger("enosfs")
 
@@ -429,7 +429,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise EnosfsError(
             f"the emulator needs its extra dependencies ({exc.name}): "
-            "pip install 'enosfs[emulator]'"
+            "pip install 'enos-fuse[emulator]'"
         ) from None
     from enosfs.emulator.faults import Fault, FaultError, Faults
 
@@ -471,54 +471,6 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def default_demo_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "enosfs" / "demo-data"
-
-
-def start_emulator(
-    data_dir: Path, seed: str = "demo", extra: Sequence[str] = ()
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `enosfs emulator` on a free loopback port; return its process and URL."""
-    tmp = Path(tempfile.mkdtemp(prefix="enosfs-emulator-"))
-    ready = tmp / "ready.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "enosfs",
-        "emulator",
-        "--seed",
-        seed,
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        "0",
-        "--ready-file",
-        str(ready),
-        *extra,
-    ]
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise EnosfsError(f"the emulator exited with status {proc.returncode}")
-            if time.monotonic() > deadline:
-                stop_process(proc)
-                raise EnosfsError("the emulator did not start in time")
-            time.sleep(0.05)
-        return proc, json.loads(ready.read_text())["url"]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def demo_settings(url: str) -> Settings:
@@ -593,7 +545,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"enosfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("mount", help="mount EnOS organisations at MOUNTPOINT")
+    m = sub.add_parser(
+        "mount",
+        help="mount EnOS organisations at MOUNTPOINT",
+        epilog=describe_options(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     m.add_argument("mountpoint")
     m.add_argument("--config", "-c", help="TOML configuration file")
     m.add_argument(
@@ -601,10 +558,14 @@ def parser() -> argparse.ArgumentParser:
         dest="options",
         action="append",
         metavar="OPTIONS",
-        help="mount(8)-style options: allow_other,cache_dir=DIR,cache_size=2G,...",
+        help="mount(8)-style options: allow_other,cache_dir=DIR,cache_size=2G,... "
+        "(all listed below)",
     )
     m.add_argument("--cache-dir", help="keep downloaded blocks on disk here, across remounts")
-    m.add_argument("--cache-size", help="the disk cache's size (default 10GiB)")
+    m.add_argument(
+        "--cache-size",
+        help=f"the disk cache's size (default {BY_FIELD['disk_size'].shown_default})",
+    )
     m.add_argument("--log-format", choices=["text", "json"], help="default: text")
     m.add_argument(
         "--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)"

@@ -20,25 +20,17 @@ import httpx
 
 from enosfs.errors import ConfigError
 from enosfs.naming import NAME_MAX, safe_name
+from enosfs.settings_schema import SECTIONS, default, parse_sections
+from enosfs.values import check_table, parse_bool, parse_text
+
+# Where callers found them before values.py held them.
+from enosfs.values import parse_seconds as parse_seconds
+from enosfs.values import parse_share as parse_share
+from enosfs.values import parse_size as parse_size
 
 SECRET_ENV = "ENOSFS_APP_SECRET"
 _SECRET_FILE_MAX = 64 * 1024
 CATEGORIES = ("feature", "ota")
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-}
-_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 
 class Secret:
@@ -64,48 +56,10 @@ class Secret:
         return hash(self._value)
 
 
-def parse_size(value: object, where: str) -> int:
-    """Bytes from an int or a string such as '512MiB', '4M', '1.5GiB'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a size such as 512MiB, not {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{where} must not be negative")
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise ConfigError(f"{where} must be a size such as 512MiB, not {value!r}")
-
-
-def parse_seconds(value: object, where: str) -> float:
-    """Seconds from a number or a string such as '30s', '500ms', '5m'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a duration such as 30s, not {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{where} must not be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", value)
-        if m and m.group(2) in _TIME_UNITS:
-            return float(m.group(1)) * _TIME_UNITS[m.group(2)]
-    raise ConfigError(f"{where} must be a duration such as 30s, not {value!r}")
-
-
-def parse_share(value: object, where: str) -> float:
-    """A share of something: '5%' or 0.05."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*%\s*", value):
-        value = float(value.strip()[:-1]) / 100
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1:
-        return float(value)
-    raise ConfigError(f"{where} must be a share such as '5%' or 0.05, not {value!r}")
-
-
 @dataclass(frozen=True)
-class FileRef:
-    """A file named in the configuration: shown even where no listing API finds it."""
+class ConfiguredFile:
+    """A file named in the configuration: shown even where no listing API finds it.
+    (Not api.FileRef, which is how the client addresses any file.)"""
 
     org: str
     asset: str
@@ -128,35 +82,33 @@ class Settings:
     app_secret: Secret
     orgs: tuple[OrgSettings, ...]
     integration: str = ""
-    files: tuple[FileRef, ...] = ()
+    files: tuple[ConfiguredFile, ...] = ()
     # Where the secret came from, so a rotated secret can be read again; None: from
     # the environment.
     app_secret_file: str | None = None
-    # [cache]
-    cache_memory: int = 512 * 1024**2
-    block_size: int = 1024**2
-    metadata_ttl: float = 60.0
-    read_ahead: int = 64 * 1024**2
-    cache_dir: str | None = None  # the disk cache's folder; None: no disk cache
-    disk_size: int = 10 * 1024**3
-    min_free: float = 0.05  # the disk cache keeps this share of its disk free
-    # [kernel]
-    entry_timeout: float = 10.0
-    attr_timeout: float = 10.0
-    allow_other: bool = False
-    kernel_read_ahead: int = 2 * 1024**2  # 0: leave the kernel's default
-    direct_io: bool = False
-    # [network]
-    timeout: float = 30.0
-    connect_timeout: float = 10.0
-    ca_bundle: str | None = None
-    max_connections: int = 32
-    retries: int = 7
-    token_refresh_margin: float = 600.0
+    # [cache], [kernel], [network]: defaults and meaning in settings_schema.SCHEMA
+    cache_memory: int = default("cache_memory")
+    block_size: int = default("block_size")
+    metadata_ttl: float = default("metadata_ttl")
+    read_ahead: int = default("read_ahead")
+    cache_dir: str | None = default("cache_dir")  # None: no disk cache
+    disk_size: int = default("disk_size")
+    min_free: float = default("min_free")
+    entry_timeout: float = default("entry_timeout")
+    attr_timeout: float = default("attr_timeout")
+    allow_other: bool = default("allow_other")
+    kernel_read_ahead: int = default("kernel_read_ahead")  # 0: leave the kernel's default
+    direct_io: bool = default("direct_io")
+    timeout: float = default("timeout")
+    connect_timeout: float = default("connect_timeout")
+    ca_bundle: str | None = default("ca_bundle")
+    max_connections: int = default("max_connections")
+    retries: int = default("retries")
+    token_refresh_margin: float = default("token_refresh_margin")
     # A body slower than min_speed bytes/s for speed_time seconds is dropped and resumed
     # on a new connection (curl's --speed-limit/--speed-time); 0 turns this off.
-    min_speed: int = 8 * 1024
-    speed_time: float = 10.0
+    min_speed: int = default("min_speed")
+    speed_time: float = default("speed_time")
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -199,29 +151,6 @@ def _url(value: object, where: str) -> str:
     except httpx.InvalidURL as exc:
         raise ConfigError(f"{where} is not a valid URL ({exc}): {value!r}") from None
     return value.rstrip("/")
-
-
-def _str(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where} must be a non-empty string")
-    return value
-
-
-def _bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false")
-    return value
-
-
-def _table(value: object, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        hint = ", ".join(sorted(allowed))
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known here: {hint})")
-    return value
 
 
 def read_secret_file(path: str) -> str:
@@ -281,7 +210,7 @@ def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = Non
 def _file_name(value: object, where: str) -> str:
     """A configured file's name is a folder entry as it stands: what no folder can hold
     is refused here, naming the key, instead of failing the whole folder later."""
-    name = _str(value, where)
+    name = parse_text(value, where)
     if name in (".", ".."):
         raise ConfigError(f"{where} must not be '.' or '..'")
     if "/" in name:
@@ -303,14 +232,16 @@ def settings_from_dict(
     base_dir: Path = Path("."),
     source: str = "",
 ) -> Settings:
-    top = _table(raw, "", {"enos", "org", "file", "cache", "kernel", "network"})
+    top = check_table(raw, "", {"enos", "org", "file", *SECTIONS})
     if "app_secret" in top.get("enos", {}):
         raise ConfigError(
             "enos.app_secret is not allowed: put the secret in a file named by "
             f"enos.app_secret_file, or in the {SECRET_ENV} environment variable"
         )
     enos = (
-        _table(top.get("enos"), "enos", {"gateway", "integration", "app_key", "app_secret_file"})
+        check_table(
+            top.get("enos"), "enos", {"gateway", "integration", "app_key", "app_secret_file"}
+        )
         if "enos" in top
         else None
     )
@@ -322,10 +253,10 @@ def settings_from_dict(
         raise ConfigError("missing enos.app_key")
     gateway = _url(enos["gateway"], "enos.gateway")
     integration = _url(enos["integration"], "enos.integration") if "integration" in enos else ""
-    app_key = _str(enos["app_key"], "enos.app_key")
+    app_key = parse_text(enos["app_key"], "enos.app_key")
 
     if "app_secret_file" in enos:
-        secret_path = Path(_str(enos["app_secret_file"], "enos.app_secret_file")).expanduser()
+        secret_path = Path(parse_text(enos["app_secret_file"], "enos.app_secret_file")).expanduser()
         if not secret_path.is_absolute():
             secret_path = base_dir / secret_path
         secret_file: str | None = os.path.abspath(secret_path)
@@ -342,130 +273,56 @@ def settings_from_dict(
     orgs: list[OrgSettings] = []
     for i, o in enumerate(orgs_raw):
         where = f"org[{i}]"
-        o = _table(o, where, {"id", "assets", "discover"})
+        o = check_table(o, where, {"id", "assets", "discover"})
         if "id" not in o:
             raise ConfigError(f"missing {where}.id")
         assets = o.get("assets", [])
         if not isinstance(assets, list) or not all(isinstance(a, str) and a for a in assets):
             raise ConfigError(f"{where}.assets must be a list of asset ids")
-        org_id = _str(o["id"], f"{where}.id")
+        org_id = parse_text(o["id"], f"{where}.id")
         if "/" in org_id or "\x00" in org_id or org_id in (".", ".."):
             raise ConfigError(f"{where}.id {org_id!r} is not an organisation id")
         orgs.append(
             OrgSettings(
                 org_id=org_id,
                 assets=tuple(assets),
-                discover=_bool(o.get("discover", True), f"{where}.discover"),
+                discover=parse_bool(o.get("discover", True), f"{where}.discover"),
             )
         )
     org_ids = [o.org_id for o in orgs]
     if len(set(org_ids)) != len(org_ids):
         raise ConfigError("an organisation is named twice in [[org]]")
 
-    files: list[FileRef] = []
+    files: list[ConfiguredFile] = []
     files_raw = top.get("file", [])
     if not isinstance(files_raw, list):
         raise ConfigError("file must be an array of tables: [[file]]")
     for i, f in enumerate(files_raw):
         where = f"file[{i}]"
-        f = _table(f, where, {"org", "asset", "category", "uri", "name"})
+        f = check_table(f, where, {"org", "asset", "category", "uri", "name"})
         for key in ("org", "asset", "uri"):
             if key not in f:
                 raise ConfigError(f"missing {where}.{key}")
         category = f.get("category", "feature")
         if category not in CATEGORIES:
             raise ConfigError(f"{where}.category must be 'feature' or 'ota'")
-        org = _str(f["org"], f"{where}.org")
+        org = parse_text(f["org"], f"{where}.org")
         if org not in org_ids:
             raise ConfigError(f"{where}.org {org!r} is not one of the [[org]] ids")
-        uri = _str(f["uri"], f"{where}.uri")
+        uri = parse_text(f["uri"], f"{where}.uri")
         if "://" not in uri:
             raise ConfigError(f"{where}.uri must look like enos-connect://<id>.<ext>")
         files.append(
-            FileRef(
+            ConfiguredFile(
                 org=org,
-                asset=_str(f["asset"], f"{where}.asset"),
+                asset=parse_text(f["asset"], f"{where}.asset"),
                 category=category,
                 uri=uri,
                 name=_file_name(f["name"], f"{where}.name") if "name" in f else None,
             )
         )
 
-    kw: dict[str, Any] = {}
-    cache = _table(
-        top.get("cache", {}),
-        "cache",
-        {"memory", "block_size", "metadata_ttl", "read_ahead", "dir", "disk_size", "min_free"},
-    )
-    if "dir" in cache:
-        d = Path(_str(cache["dir"], "cache.dir")).expanduser()
-        kw["cache_dir"] = str(d if d.is_absolute() else (base_dir / d).resolve())
-    if "disk_size" in cache:
-        kw["disk_size"] = parse_size(cache["disk_size"], "cache.disk_size")
-    if "min_free" in cache:
-        kw["min_free"] = parse_share(cache["min_free"], "cache.min_free")
-    if "read_ahead" in cache:
-        kw["read_ahead"] = parse_size(cache["read_ahead"], "cache.read_ahead")
-    if "memory" in cache:
-        kw["cache_memory"] = parse_size(cache["memory"], "cache.memory")
-    if "block_size" in cache:
-        kw["block_size"] = parse_size(cache["block_size"], "cache.block_size")
-    if "metadata_ttl" in cache:
-        kw["metadata_ttl"] = parse_seconds(cache["metadata_ttl"], "cache.metadata_ttl")
-
-    kernel = _table(
-        top.get("kernel", {}),
-        "kernel",
-        {"entry_timeout", "attr_timeout", "allow_other", "read_ahead", "direct_io"},
-    )
-    if "read_ahead" in kernel:
-        kw["kernel_read_ahead"] = parse_size(kernel["read_ahead"], "kernel.read_ahead")
-    for key in ("entry_timeout", "attr_timeout"):
-        if key in kernel:
-            kw[key] = parse_seconds(kernel[key], f"kernel.{key}")
-    if "allow_other" in kernel:
-        kw["allow_other"] = _bool(kernel["allow_other"], "kernel.allow_other")
-    if "direct_io" in kernel:
-        kw["direct_io"] = _bool(kernel["direct_io"], "kernel.direct_io")
-
-    network = _table(
-        top.get("network", {}),
-        "network",
-        {
-            "timeout",
-            "connect_timeout",
-            "ca_bundle",
-            "max_connections",
-            "retries",
-            "token_refresh_margin",
-            "min_speed",
-            "speed_time",
-        },
-    )
-    if "min_speed" in network:
-        kw["min_speed"] = parse_size(network["min_speed"], "network.min_speed")
-    for key in ("timeout", "connect_timeout", "token_refresh_margin", "speed_time"):
-        if key in network:
-            kw[key] = parse_seconds(network[key], f"network.{key}")
-    if kw.get("timeout") == 0 or kw.get("connect_timeout") == 0:
-        raise ConfigError("network timeouts must be above zero")
-    if "ca_bundle" in network:
-        ca = Path(_str(network["ca_bundle"], "network.ca_bundle")).expanduser()
-        if not ca.is_absolute():
-            ca = base_dir / ca
-        if not ca.is_file():
-            raise ConfigError(f"network.ca_bundle {ca} is not a file")
-        kw["ca_bundle"] = str(ca)
-    if "retries" in network:
-        r = network["retries"]
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 100:
-            raise ConfigError("network.retries must be an integer from 0 to 100")
-        kw["retries"] = r
-    if "max_connections" in network:
-        mc = network["max_connections"]
-        if not isinstance(mc, int) or isinstance(mc, bool) or not 1 <= mc <= 1024:
-            raise ConfigError("network.max_connections must be an integer from 1 to 1024")
-        kw["max_connections"] = mc
+    kw = parse_sections(top, base_dir)
 
     settings = Settings(
         gateway=gateway,
@@ -478,7 +335,7 @@ def settings_from_dict(
         source=source,
         **kw,
     )
-    return validated(settings, read_ahead_given="read_ahead" in cache)
+    return validated(settings, read_ahead_given="read_ahead" in kw)
 
 
 def validated(settings: Settings, *, read_ahead_given: bool = True) -> Settings:

@@ -102,9 +102,17 @@ class TokenRejected(ApiError):
 class RateLimited(ApiError):
     """HTTP 429: temporary, to be retried after the server's Retry-After."""
 
-    def __init__(self, msg: str, retry_after: float | None, **kw: object) -> None:
+    def __init__(
+        self,
+        msg: str,
+        retry_after: float | None,
+        request_id: str | None = None,
+        *,
+        http_status: int | None = None,
+        what: str = "",
+    ) -> None:
         self.retry_after = retry_after
-        super().__init__(429, msg, **kw)  # type: ignore[arg-type]
+        super().__init__(429, msg, request_id, http_status=http_status, what=what)
 
 
 class ServerError(ApiError):
@@ -123,7 +131,7 @@ def error_for_code(
 ) -> ApiError:
     """Pick the ApiError subclass whose errno fits an EnOS code."""
     try:
-        icode = int(code)  # type: ignore[arg-type]
+        icode = None if code is None else int(code)
     except (TypeError, ValueError):
         icode = None
     cls: type[ApiError] = ApiError

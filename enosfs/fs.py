@@ -13,17 +13,17 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from enosfs.blocks import BlockCache, CachedFile
+from enosfs.blocks import FAILURE_MEMORY, BlockCache, CachedFile
 from enosfs.config import Settings
-from enosfs.errors import AuthError, EnosfsError, IntegrityError, errno_of
+from enosfs.errors import AuthError, DeadlineError, EnosfsError, IntegrityError, errno_of
 from enosfs.integrity import Reading
 from enosfs.namespace import ControlFile, Dir, File, Namespace, Node
 from enosfs.quiet import Quieter
@@ -37,6 +37,12 @@ XATTR_PREFIX = "user.enos."
 # How far past the next byte to hash a read may end and still be held for hashing: the
 # kernel's parallel reads of its read-ahead window land slightly out of order.
 READING_WINDOW = 4 * 1024 * 1024
+# A read that waited longer than this was in trouble; the next one, likely the rest of
+# the same system call, gets only what is left of the deadline. A faster one ends the
+# chain.
+SLOW_READ = 1.0
+# The least a read in a chain of waiting ones may still wait.
+MIN_WAIT = 0.25
 # Served bytes not hashed yet; a read waits above this, so hashing keeps up.
 MAX_HASH_BACKLOG = 16 * 1024 * 1024
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
@@ -55,45 +61,45 @@ async def invalidate_pages(inode: int) -> None:
             log.debug("invalidate inode %d: %s", inode, exc)
 
 
-def guarded(
-    op: str, *, paced: bool = False
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+Handler = Callable[Concatenate["EnosFS", P], Coroutine[Any, Any, R]]
+
+
+def guarded(op: str, *, paced: bool = False) -> Callable[[Handler[P, R]], Handler[P, R]]:
     """Answer every failure with an errno, within the mount's deadline; log what is not
     an ordinary EnOS failure, and ordinary ones without repeating them. A paced call
     (read) keeps its own deadline, which bytes that keep coming push back (blocks.py);
     it gets only a backstop here."""
 
-    def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def wrap(fn: Handler[P, R]) -> Handler[P, R]:
         @functools.wraps(fn)
-        async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
-            fs = args[0]
-            deadline = fs.read_backstop if paced else fs.op_deadline  # type: ignore[attr-defined]
+        async def handler(fs: EnosFS, *args: P.args, **kwargs: P.kwargs) -> R:
+            deadline = fs.read_backstop if paced else fs.op_deadline
             try:
                 with trio.fail_after(deadline):
-                    return await fn(*args, **kwargs)
+                    return await fn(fs, *args, **kwargs)
             except pyfuse3.FUSEError as exc:
-                fs.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1  # type: ignore[attr-defined]
+                fs.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
                 raise
             except AuthError as exc:
                 # The token task has said so, once: no line per request.
                 log.debug("%s: %s", op, exc)
-                fs.errors["EACCES"] += 1  # type: ignore[attr-defined]
+                fs.errors["EACCES"] += 1
                 raise pyfuse3.FUSEError(errno_of(exc)) from None
             except EnosfsError as exc:
                 code = errno_of(exc)
-                fs.errors[errno.errorcode.get(code, str(code))] += 1  # type: ignore[attr-defined]
+                fs.errors[errno.errorcode.get(code, str(code))] += 1
                 if code == errno.ENOENT:
                     log.debug("%s: %s", op, exc)
                 else:
                     _quiet.say(logging.WARNING, f"{op}: {exc}")
                 raise pyfuse3.FUSEError(code) from None
             except trio.TooSlowError:
-                fs.errors["ETIMEDOUT"] += 1  # type: ignore[attr-defined]
+                fs.errors["ETIMEDOUT"] += 1
                 _quiet.say(logging.WARNING, f"{op}: no answer within {deadline:g}s")
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
             except Exception:
-                fs.errors["EIO"] += 1  # type: ignore[attr-defined]
-                log.exception("%s: unexpected error (answered EIO); args %r", op, args[1:])
+                fs.errors["EIO"] += 1
+                log.exception("%s: unexpected error (answered EIO); args %r", op, args)
                 raise pyfuse3.FUSEError(errno.EIO) from None
 
         return handler
@@ -114,6 +120,8 @@ class Handle:
     direct: bool = False  # bypasses the kernel's page cache
     page_user: bool = False  # may fill the kernel's page cache of its inode
     judged: bool = False  # its reading's verdict was acted on
+    waited: float = 0.0  # seconds its slow reads in a row have waited for bytes
+    timed_out_at: float = float("-inf")  # when a slow read of it last failed
 
 
 class EnosFS(pyfuse3.Operations):
@@ -149,12 +157,14 @@ class EnosFS(pyfuse3.Operations):
         # Per inode of a large file not yet checked: open files that may fill its
         # kernel page cache (one at a time; others bypass it).
         self.page_users: Counter[int] = Counter()
+        # Inodes whose kernel pages hold only checked bytes (keep_cache across opens).
+        self.clean_pages: set[int] = set()
 
     # -- attributes ----------------------------------------------------------------------
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = node.inode  # type: ignore[assignment]
+        a.st_ino = node.inode
         a.generation = 0
         a.entry_timeout = self.settings.entry_timeout
         a.attr_timeout = self.settings.attr_timeout
@@ -163,12 +173,12 @@ class EnosFS(pyfuse3.Operations):
         a.st_blksize = self.cache.block_size
         mtime = self.ns.mount_time_ns
         if isinstance(node, ControlFile):
-            a.st_mode = stat.S_IFREG | 0o444  # type: ignore[assignment]
+            a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             a.st_size = len(node.render())
             a.entry_timeout = a.attr_timeout = 0  # it changes all the time
         elif isinstance(node, File):
-            a.st_mode = stat.S_IFREG | 0o444  # type: ignore[assignment]
+            a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             size = node.meta.size if node.meta is not None else None
             if size is None:
@@ -180,7 +190,7 @@ class EnosFS(pyfuse3.Operations):
             if node.mtime_ms is not None:
                 mtime = node.mtime_ms * 1_000_000
         else:
-            a.st_mode = stat.S_IFDIR | 0o555  # type: ignore[assignment]
+            a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2
             a.st_size = 0
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
@@ -232,7 +242,7 @@ class EnosFS(pyfuse3.Operations):
         return await self._fresh_attrs(self._node(inode))
 
     @guarded("opendir")
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         d = self._dir(inode)
         entries = await self.ns.children(d)
         fh = next(self._fh)
@@ -271,7 +281,9 @@ class EnosFS(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
 
     @guarded("open")
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -281,7 +293,7 @@ class EnosFS(pyfuse3.Operations):
             # Made now, whole; direct_io so every open shows the present state.
             fh = next(self._fh)
             self.snapshots[fh] = node.render()
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)  # type: ignore[call-arg]
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         assert isinstance(node, File)
         meta = await self.ns.file_meta(node)
         if meta.size is None:
@@ -304,9 +316,7 @@ class EnosFS(pyfuse3.Operations):
         self.kernel_versions[inode] = meta.version
         if self.cache.checked_as_read(cached):
             keep = self._open_checked(h, keep)
-        return pyfuse3.FileInfo(  # type: ignore[call-arg]
-            fh=fh, keep_cache=keep, direct_io=h.direct
-        )
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=h.direct)
 
     def _open_checked(self, h: Handle, keep: bool) -> bool:
         """Set up the check of a large file's whole reading; whether the kernel may keep
@@ -316,6 +326,10 @@ class EnosFS(pyfuse3.Operations):
         pages are dropped, and while another open file of the inode may be filling the
         page cache, this one bypasses it."""
         if self.cache.known_good(h.cached):
+            # Every byte served from now on is checked: once the kernel's pages are
+            # dropped (or known to hold checked bytes only), they stay clean.
+            keep = keep and h.inode in self.clean_pages
+            self.clean_pages.add(h.inode)
             return keep
         assert h.cached.digest is not None
         algorithm, want = h.cached.digest
@@ -331,6 +345,7 @@ class EnosFS(pyfuse3.Operations):
             return True
         h.page_user = True
         self.page_users[h.inode] += 1
+        self.clean_pages.discard(h.inode)
         return False
 
     def _folder_read_ahead(self, f: File) -> None:
@@ -352,8 +367,12 @@ class EnosFS(pyfuse3.Operations):
             budget -= meta.size
             self.cache.prefetch(CachedFile.of(sibling.ref, meta), 0, meta.size)
 
+    # pyfuse3 replies from any buffer (its stub says bytes): a block's bytes go to the
+    # kernel without a copy.
     @guarded("read", paced=True)
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         h = self.handles.get(fh)
         if h is None:
             snapshot = self.snapshots.get(fh)
@@ -368,7 +387,30 @@ class EnosFS(pyfuse3.Operations):
         # kernel's page cache; with direct_io there is no such copy: keep them.
         # Only a lone reader's blocks: another reader of the file may still need them.
         consume = h.readahead.sequential and not h.direct and self.readers[h.cached.key] == 1
-        data = await self.cache.read(h.cached, off, size, consume=consume)
+        # One system call may reach us as several reads in a row (the kernel splits a
+        # large read, then retries page by page): reads that each had to wait share
+        # one deadline, so their waits cannot add up past it.
+        started = trio.current_time()
+        try:
+            data = await self.cache.read(
+                h.cached,
+                off,
+                size,
+                consume=consume,
+                wait_limit=max(MIN_WAIT, self.cache.wait_limit - h.waited),
+                # The rest of a system call whose read just ran out of time.
+                no_wait=started - h.timed_out_at < FAILURE_MEMORY,
+            )
+        except BaseException as exc:
+            h.waited = 0.0
+            now = trio.current_time()
+            if isinstance(exc, DeadlineError) or (
+                isinstance(exc, EnosfsError) and now - started > SLOW_READ
+            ):
+                h.timed_out_at = now  # the rest of this system call fails at once
+            raise
+        waited = trio.current_time() - started
+        h.waited = h.waited + waited if waited > SLOW_READ else 0.0
         if h.reading is not None:
             try:
                 await self._check_reading(h, off, data)
@@ -400,10 +442,12 @@ class EnosFS(pyfuse3.Operations):
         h.judged = True  # two reads may both complete it; one verdict
         if verdict:
             await self.cache.matched(h.cached, reading.block_crcs())
-            if not h.page_user:
-                # Pages another open file put in the kernel's cache were not checked;
-                # from now on every page comes from a checked block.
-                self.cache.nursery.start_soon(invalidate_pages, h.inode)
+            if h.page_user:
+                # The kernel's pages are what this reading was served (other open files
+                # bypass them), and that matched. Pages another open file put there
+                # are not dropped now, which would break its reading: the next open
+                # that is not sure they are clean drops them.
+                self.clean_pages.add(h.inode)
             return
         raise self.cache.corrupt(h.cached)
 
@@ -411,6 +455,7 @@ class EnosFS(pyfuse3.Operations):
         """Have the kernel drop its cached pages of a file: at once for open handles,
         and the next open does not keep them either."""
         self.kernel_versions.pop(inode, None)
+        self.clean_pages.discard(inode)
         self.cache.nursery.start_soon(invalidate_pages, inode)
 
     async def release(self, fh: int) -> None:
@@ -439,7 +484,7 @@ class EnosFS(pyfuse3.Operations):
     # -- the rest ------------------------------------------------------------------------
 
     @guarded("statfs")
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         bs = self.cache.block_size
         total = sum(f.meta.size or 0 for f in self.ns.all_files() if f.meta is not None)
@@ -478,7 +523,9 @@ class EnosFS(pyfuse3.Operations):
                 out["created"] = str(m.create_time_ms)
         return {XATTR_PREFIX + k: str(v) for k, v in out.items()}
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> bytes:
         # `ls -l` asks every file for security.selinux: answer that kind fast.
         if not name.startswith(XATTR_PREFIX_B):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -492,7 +539,7 @@ class EnosFS(pyfuse3.Operations):
         return value.encode("utf-8")
 
     @guarded("listxattr")
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
         return [k.encode("utf-8") for k in sorted(self._xattrs(self._node(inode)))]
 
     # -- everything that would change something ------------------------------------------
@@ -500,15 +547,15 @@ class EnosFS(pyfuse3.Operations):
     async def _read_only(self, *args: object, **kwargs: object) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    setattr = _read_only  # type: ignore[assignment]
-    mknod = _read_only  # type: ignore[assignment]
-    mkdir = _read_only  # type: ignore[assignment]
-    unlink = _read_only  # type: ignore[assignment]
-    rmdir = _read_only  # type: ignore[assignment]
-    symlink = _read_only  # type: ignore[assignment]
-    rename = _read_only  # type: ignore[assignment]
-    link = _read_only  # type: ignore[assignment]
-    write = _read_only  # type: ignore[assignment]
-    create = _read_only  # type: ignore[assignment]
-    setxattr = _read_only  # type: ignore[assignment]
-    removexattr = _read_only  # type: ignore[assignment]
+    setattr = _read_only
+    mknod = _read_only
+    mkdir = _read_only
+    unlink = _read_only
+    rmdir = _read_only
+    symlink = _read_only
+    rename = _read_only
+    link = _read_only
+    write = _read_only
+    create = _read_only
+    setxattr = _read_only
+    removexattr = _read_only

@@ -16,7 +16,7 @@ def serve(addr: tuple[str, int], snapshot: Callable[[], dict[str, Any]]) -> None
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     except ImportError:
         raise ConfigError(
-            "--metrics-addr needs prometheus-client: pip install 'enosfs[metrics]'"
+            "--metrics-addr needs prometheus-client: pip install 'enos-fuse[metrics]'"
         ) from None
 
     class Collector:
@@ -80,7 +80,7 @@ def serve(addr: tuple[str, int], snapshot: Callable[[], dict[str, Any]]) -> None
                 )
 
     registry = CollectorRegistry()
-    registry.register(Collector())  # type: ignore[arg-type]
+    registry.register(Collector())
     try:
         start_http_server(addr[1], addr=addr[0], registry=registry)
     except OSError as exc:

@@ -1,4 +1,7 @@
-"""The tree /ORG/ASSET/CATEGORY/FILE, discovered from the EnOS listing APIs.
+"""The tree /ORG/ASSET/CATEGORY/FILE: nodes, names and freshness over the catalog.
+
+What exists comes from the catalog (catalog.py); this module gives it inodes, settles
+its names and decides when to ask again.
 
 Folders are listed lazily and kept for `metadata_ttl` seconds; a listing that cannot be
 refreshed is served stale (and said so in the log) rather than failing, so `ls` of what
@@ -9,28 +12,34 @@ new node, so the kernel never mixes the pages of two files.
 
 from __future__ import annotations
 
+import enum
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
 
 import trio
 
-from enosfs.api import BadRecord, Device, EnosClient, FileFeatures, FileMeta, FileRef, Firmware
+from enosfs.api import BadRecord, EnosClient, FileMeta, FileRef
+from enosfs.catalog import Catalog, Entry, KnownMeta
 from enosfs.config import CATEGORIES, Settings
-from enosfs.errors import Denied, EnosfsError, NotFound, TransportError
-from enosfs.naming import feature_file_name, firmware_file_name, safe_name, settle, uri_id
+from enosfs.errors import EnosfsError, NotFound, TransportError
+from enosfs.naming import safe_name, settle, uri_id
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-META_CONCURRENCY = 16
-_ID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)?")
-_ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_FILE_SCHEMES = ("enos-connect://",)
+
+
+class DirKind(enum.Enum):
+    """What a folder stands for, and so how it is listed."""
+
+    ROOT = "root"
+    ORG = "org"
+    ASSET = "asset"
+    CATEGORY = "category"
+    CONTROL = "control"
 
 
 @dataclass(eq=False)
@@ -51,7 +60,7 @@ class Node:
 
 @dataclass(eq=False)
 class Dir(Node):
-    kind: str  # root | org | asset | category
+    kind: DirKind
     org: str = ""
     asset: str = ""
     category: str = ""
@@ -87,18 +96,6 @@ class ControlFile(Node):
 CONTROL_DIR = ".enosfs"
 
 
-@dataclass
-class _Entry:
-    """A file found by a listing, before names are settled."""
-
-    wanted: str
-    key: tuple[str, ...]
-    uri: str
-    meta: FileMeta | None
-    origin: dict[str, str]
-    mtime_ms: int | None
-
-
 class Namespace:
     def __init__(
         self,
@@ -109,7 +106,7 @@ class Namespace:
         on_entry_change: Callable[[Dir, str], None] | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
-        self.client = client
+        self.catalog = Catalog(client, settings, clock=clock)
         self.settings = settings
         self.ttl = settings.metadata_ttl
         self.clock = clock
@@ -118,26 +115,28 @@ class Namespace:
         self.mount_time_ns = time.time_ns()
         self._inodes = count(ROOT_INODE + 1)
         self.nodes: dict[int, Node] = {}
-        self.root = Dir(ROOT_INODE, "", None, "root")
+        self.root = Dir(ROOT_INODE, "", None, DirKind.ROOT)
         self.nodes[ROOT_INODE] = self.root
-        self.devices: dict[tuple[str, str], tuple[float, Device]] = {}
-        self.models: dict[tuple[str, str], tuple[float, FileFeatures]] = {}
-        self.firmwares: dict[tuple[str, str], tuple[float, list[Firmware]]] = {}
-        self._denied_said: set[str] = set()
-        self._bad_said: set[str] = set()  # fileUris whose record was said to be unusable
         self.control: Dir | None = None
         # Where listings run (the mount's nursery); None: in the caller (tests).
         self.nursery: trio.Nursery | None = None
-        self._meta_limit = trio.Semaphore(META_CONCURRENCY)
 
     # -- nodes ---------------------------------------------------------------------------
 
-    def _new_dir(self, name: str, parent: Dir, kind: str, **kw: str) -> Dir:
-        d = Dir(next(self._inodes), name, parent, kind, **kw)
+    def _new_dir(
+        self,
+        name: str,
+        parent: Dir,
+        kind: DirKind,
+        org: str = "",
+        asset: str = "",
+        category: str = "",
+    ) -> Dir:
+        d = Dir(next(self._inodes), name, parent, kind, org=org, asset=asset, category=category)
         self.nodes[d.inode] = d
         return d
 
-    def _new_file(self, name: str, parent: Dir, entry: _Entry) -> File:
+    def _new_file(self, name: str, parent: Dir, entry: Entry) -> File:
         ref = FileRef(parent.org, parent.asset, parent.category, entry.uri)
         f = File(
             next(self._inodes), name, parent, ref, origin=entry.origin, mtime_ms=entry.mtime_ms
@@ -199,11 +198,11 @@ class Namespace:
         node = entries.get(name) or d.hidden.get(name)
         if node is not None:
             return node
-        if d.kind == "category":
+        if d.kind is DirKind.CATEGORY:
             for child in entries.values():
                 if isinstance(child, File) and uri_id(child.ref.uri) == name:
                     return child
-        if d.kind not in ("org", "category"):
+        if d.kind not in (DirKind.ORG, DirKind.CATEGORY):
             return None
         seen_missing = d.missing.get(name)
         if seen_missing is not None and self.clock() - seen_missing < self.ttl:
@@ -220,52 +219,55 @@ class Namespace:
 
     async def _lookup_unlisted(self, d: Dir, name: str) -> Node | None:
         """An asset or file that no listing shows but that a user can name."""
-        if d.kind == "org":
-            if not _ASSET_NAME.fullmatch(name):
+        if d.kind is DirKind.ORG:
+            if not await self.catalog.has_asset(d.org, name):
                 return None
-            try:
-                device = await self.client.get_device(d.org, name)
-            except (NotFound, Denied):
-                return None
-            self.devices[(d.org, name)] = (self.clock(), device)
             return self._asset_dir(d, name)
-        if not _ID_NAME.fullmatch(name):
+        entry = await self.catalog.unlisted_file(d.org, d.asset, d.category, name)
+        if entry is None:
             return None
-        uri = "enos-connect://" + name
-        ref = FileRef(d.org, d.asset, d.category, uri)
-        try:
-            meta = await self.client.file_meta(ref)
-        except NotFound:
-            return None
-        entry = _Entry(name, (), uri, meta, {"uri": uri}, meta.create_time_ms)
         return self._new_file(name, d, entry)
 
     async def _list(self, d: Dir) -> dict[str, Node]:
         old = d.children or {}
-        if d.kind == "root":
+        if d.kind is DirKind.ROOT:
             out = {
-                o.org_id: old.get(o.org_id) or self._new_dir(o.org_id, d, "org", org=o.org_id)
+                o.org_id: old.get(o.org_id) or self._new_dir(o.org_id, d, DirKind.ORG, org=o.org_id)
                 for o in self.settings.orgs
             }
             if self.control is not None:
                 out[CONTROL_DIR] = self.control
             return out
-        if d.kind == "org":
-            return self._place_assets(d, await self._asset_ids(d.org), old)
-        if d.kind == "asset":
+        if d.kind is DirKind.ORG:
+            return self._place_assets(d, await self.catalog.asset_ids(d.org), old)
+        if d.kind is DirKind.ASSET:
             return {
                 c: old.get(c)
-                or self._new_dir(c, d, "category", org=d.org, asset=d.asset, category=c)
+                or self._new_dir(c, d, DirKind.CATEGORY, org=d.org, asset=d.asset, category=c)
                 for c in CATEGORIES
             }
-        entries = await (
-            self._feature_entries(d) if d.category == "feature" else self._ota_entries(d)
+        entries = await self.catalog.entries(
+            d.org, d.asset, d.category, known=self._known_meta(d), where=d.path
         )
         return self._place(d, entries, old)
 
+    def _known_meta(self, d: Dir) -> KnownMeta:
+        """The records the folder's files hold that are still fresh, by fileUri: a
+        refresh need not ask getFileInfo again for those. Freshness is judged when the
+        catalog asks, not now, as the listing before it may take a while."""
+        by_uri = {c.ref.uri: c for c in (d.children or {}).values() if isinstance(c, File)}
+
+        def known(uri: str) -> FileMeta | None:
+            f = by_uri.get(uri)
+            if f is not None and f.meta is not None and self.clock() - f.meta_at < self.ttl:
+                return f.meta
+            return None
+
+        return known
+
     def _asset_dir(self, org_dir: Dir, asset_id: str, name: str | None = None) -> Dir:
         return self._new_dir(
-            name or safe_name(asset_id), org_dir, "asset", org=org_dir.org, asset=asset_id
+            name or safe_name(asset_id), org_dir, DirKind.ASSET, org=org_dir.org, asset=asset_id
         )
 
     def _place_assets(self, d: Dir, asset_ids: list[str], old: dict[str, Node]) -> dict[str, Node]:
@@ -294,7 +296,7 @@ class Namespace:
             self._entry_changed(d, name)
         return out
 
-    def _place(self, d: Dir, entries: list[_Entry], old: dict[str, Node]) -> dict[str, Node]:
+    def _place(self, d: Dir, entries: list[Entry], old: dict[str, Node]) -> dict[str, Node]:
         """Settle names; keep a node (and its inode) where name and fileUri are unchanged."""
         names = settle((e.wanted, e.key) for e in entries)
         out: dict[str, Node] = {}
@@ -318,199 +320,6 @@ class Namespace:
         if self.on_entry_change is not None:
             self.on_entry_change(d, name)
 
-    def _say_denied(self, what: str, exc: EnosfsError) -> None:
-        if what not in self._denied_said:
-            self._denied_said.add(what)
-            log.warning(
-                "%s is not permitted for this app (%s); showing only what the configuration names",
-                what,
-                exc,
-            )
-
-    async def _asset_ids(self, org: str) -> list[str]:
-        settings = next(o for o in self.settings.orgs if o.org_id == org)
-        ids: list[str] = []
-        if settings.discover:
-            try:
-                devices = await self.client.search_devices(org)
-            except Denied as exc:
-                self._say_denied(f"device search in {org}", exc)
-                devices = []
-            now = self.clock()
-            for dev in devices:
-                self.devices[(org, dev.asset_id)] = (now, dev)
-                ids.append(dev.asset_id)
-        ids.extend(settings.assets)
-        ids.extend(f.asset for f in self.settings.files if f.org == org)
-        return sorted(set(ids))
-
-    async def _device(self, org: str, asset: str) -> Device | None:
-        cached = self.devices.get((org, asset))
-        if cached is not None and self.clock() - cached[0] < self.ttl:
-            return cached[1]
-        try:
-            dev = await self.client.get_device(org, asset)
-        except NotFound:
-            return None
-        except Denied as exc:
-            self._say_denied(f"device details in {org}", exc)
-            return cached[1] if cached else None
-        self.devices[(org, asset)] = (self.clock(), dev)
-        return dev
-
-    async def _features(self, org: str, model_id: str) -> FileFeatures:
-        cached = self.models.get((org, model_id))
-        if cached is not None and self.clock() - cached[0] < self.ttl:
-            return cached[1]
-        try:
-            features = await self.client.get_file_features(org, model_id)
-        except (Denied, NotFound) as exc:
-            self._say_denied(f"thing model {model_id}", exc)
-            features = FileFeatures()
-        self.models[(org, model_id)] = (self.clock(), features)
-        return features
-
-    async def _firmwares(self, org: str, product_key: str) -> list[Firmware]:
-        cached = self.firmwares.get((org, product_key))
-        if cached is not None and self.clock() - cached[0] < self.ttl:
-            return cached[1]
-        try:
-            found = await self.client.search_firmwares(org, product_key)
-        except Denied as exc:
-            self._say_denied(f"firmware search in {org}", exc)
-            found = []
-        self.firmwares[(org, product_key)] = (self.clock(), found)
-        return found
-
-    def _configured(self, d: Dir) -> list[_Entry]:
-        return [
-            _Entry(
-                # The configuration checks names, but a URI's tail may still be '..'.
-                safe_name(f.name or uri_id(f.uri), fallback="file"),
-                ("2", f.uri),
-                f.uri,
-                None,
-                {"uri": f.uri, "source": "configuration"},
-                None,
-            )
-            for f in self.settings.files
-            if (f.org, f.asset, f.category) == (d.org, d.asset, d.category)
-        ]
-
-    async def _feature_entries(self, d: Dir) -> list[_Entry]:
-        entries: list[_Entry] = []
-        device = await self._device(d.org, d.asset)
-        if device is not None and device.model_id:
-            features = await self._features(d.org, device.model_id)
-            for ident in features.attributes:
-                uri = device.attributes.get(ident)
-                if _is_file_uri(uri):
-                    entries.append(
-                        _Entry(
-                            feature_file_name(ident, uri),
-                            ("0", ident),
-                            uri,
-                            None,
-                            {"uri": uri, "feature": ident, "feature_type": "attribute"},
-                            None,
-                        )
-                    )
-            if features.measurepoints:
-                try:
-                    latest = await self.client.query_latest(
-                        d.org, d.asset, list(features.measurepoints)
-                    )
-                except Denied as exc:
-                    self._say_denied(f"latest measurement points in {d.org}", exc)
-                    latest = {}
-                for ident in features.measurepoints:
-                    uri = latest.get(ident)
-                    if _is_file_uri(uri):
-                        entries.append(
-                            _Entry(
-                                feature_file_name(ident, uri),
-                                ("1", ident),
-                                uri,
-                                None,
-                                {"uri": uri, "feature": ident, "feature_type": "measurepoint"},
-                                None,
-                            )
-                        )
-        entries.extend(self._configured(d))
-        return await self._with_meta(d, entries)
-
-    async def _ota_entries(self, d: Dir) -> list[_Entry]:
-        entries: list[_Entry] = []
-        device = await self._device(d.org, d.asset)
-        if device is not None and device.product_key:
-            for fw in await self._firmwares(d.org, device.product_key):
-                md5 = fw.sign if fw.sign_method == "md5" else None
-                meta = FileMeta(
-                    uri=fw.url,
-                    size=fw.size,
-                    md5=md5,
-                    sign_method=fw.sign_method,
-                    sign=fw.sign,
-                    create_time_ms=fw.create_time_ms,
-                )
-                origin = {
-                    "uri": fw.url,
-                    "firmware_id": fw.firmware_id,
-                    "firmware": fw.name,
-                    "version": fw.version,
-                }
-                entries.append(
-                    _Entry(
-                        firmware_file_name(fw.name, fw.version, fw.url),
-                        ("0", fw.name, fw.version, fw.firmware_id),
-                        fw.url,
-                        meta if fw.size is not None else None,
-                        origin,
-                        fw.create_time_ms,
-                    )
-                )
-        entries.extend(self._configured(d))
-        return await self._with_meta(d, entries)
-
-    async def _with_meta(self, d: Dir, entries: list[_Entry]) -> list[_Entry]:
-        """Fill in sizes concurrently; drop files the server says no longer exist."""
-        gone: set[int] = set()
-        reuse = {c.ref.uri: c for c in (d.children or {}).values() if isinstance(c, File)}
-
-        async def fill(i: int, e: _Entry) -> None:
-            prev = reuse.get(e.uri)
-            if (
-                prev is not None
-                and prev.meta is not None
-                and self.clock() - prev.meta_at < self.ttl
-            ):
-                e.meta = prev.meta
-                return
-            try:
-                async with self._meta_limit:
-                    e.meta = await self.client.file_meta(FileRef(d.org, d.asset, d.category, e.uri))
-            except NotFound:
-                log.debug("%s: %s is referenced but does not exist", d.path, e.uri)
-                gone.add(i)
-            except BadRecord as exc:
-                # Not shown: nothing true could be said of it in `ls -l`.
-                if e.uri not in self._bad_said:
-                    self._bad_said.add(e.uri)
-                    log.warning("%s: not showing %s: %s", d.path, e.wanted, exc)
-                gone.add(i)
-            except EnosfsError as exc:
-                # Listed all the same; getattr will try again and report the error.
-                log.warning("%s: no metadata for %s: %s", d.path, uri_id(e.uri), exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, e in enumerate(entries):
-                if e.meta is None:
-                    nursery.start_soon(fill, i, e)
-        for e in entries:
-            if e.meta is not None and e.mtime_ms is None:
-                e.mtime_ms = e.meta.create_time_ms
-        return [e for i, e in enumerate(entries) if i not in gone]
-
     # -- file metadata -------------------------------------------------------------------
 
     def _set_meta(self, f: File, meta: FileMeta) -> None:
@@ -526,7 +335,7 @@ class Namespace:
         if f.meta is not None and self.clock() - f.meta_at < self.ttl:
             return f.meta
         try:
-            meta = await self.client.file_meta(f.ref)
+            meta = await self.catalog.file_meta(f.ref)
         except (NotFound, BadRecord):
             raise  # the last good record would no longer be true
         except EnosfsError:
@@ -546,14 +355,14 @@ class Namespace:
         if (
             listed
             or d.hidden.get(node.name) is node
-            or (isinstance(node, Dir) and node.kind in ("org", "control"))
+            or (isinstance(node, Dir) and node.kind in (DirKind.ORG, DirKind.CONTROL))
         ):
             return
         del self.nodes[inode]
 
     def add_control(self, files: dict[str, Callable[[], bytes]]) -> None:
         """The read-only folder /.enosfs that shows the mount's own state."""
-        d = self._new_dir(CONTROL_DIR, self.root, "control")
+        d = self._new_dir(CONTROL_DIR, self.root, DirKind.CONTROL)
         d.children = {}
         for name, render in files.items():
             node = ControlFile(next(self._inodes), name, d, render=render)
@@ -563,7 +372,7 @@ class Namespace:
 
     def fresh(self, d: Dir) -> bool:
         return d.children is not None and (
-            d.kind == "control" or self.clock() - d.loaded_at < self.ttl
+            d.kind is DirKind.CONTROL or self.clock() - d.loaded_at < self.ttl
         )
 
     def expire(self, uri: str) -> None:
@@ -585,9 +394,3 @@ class Namespace:
 
     def all_files(self) -> Iterable[File]:
         return (n for n in self.nodes.values() if isinstance(n, File))
-
-
-def _is_file_uri(value: Any) -> bool:
-    return isinstance(value, str) and any(
-        value.startswith(scheme) and len(value) > len(scheme) for scheme in _FILE_SCHEMES
-    )

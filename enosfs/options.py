@@ -3,7 +3,7 @@
 So `enosfs mount -o allow_other,cache_size=2G`, an fstab line and
 `mount -t fuse.enosfs` all say the same things the same way. Options that belong to
 mount(8), fstab or systemd (_netdev, nofail, noauto, x-systemd.* ...) are understood
-and left to them.
+and left to them. Which settings have a -o name is said in settings_schema.SCHEMA.
 """
 
 from __future__ import annotations
@@ -11,27 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from enosfs.config import Settings, parse_seconds, parse_size, validated
+from enosfs.config import Settings, validated
 from enosfs.errors import ConfigError
+from enosfs.settings_schema import BY_OPTION, SCHEMA, Kind
 
-# option -> (Settings field, parser)
-_VALUED: dict[str, tuple[str, Any]] = {
-    "cache_dir": ("cache_dir", str),
-    "cache_size": ("disk_size", parse_size),
-    "memory": ("cache_memory", parse_size),
-    "block_size": ("block_size", parse_size),
-    "metadata_ttl": ("metadata_ttl", parse_seconds),
-    "read_ahead": ("read_ahead", parse_size),
-    "kernel_read_ahead": ("kernel_read_ahead", parse_size),
-    "entry_timeout": ("entry_timeout", parse_seconds),
-    "attr_timeout": ("attr_timeout", parse_seconds),
-    "timeout": ("timeout", parse_seconds),
-    "min_speed": ("min_speed", parse_size),
-    "speed_time": ("speed_time", parse_seconds),
-}
-_FLAGS = {"allow_other": "allow_other", "direct_io": "direct_io"}
 # Options for the command itself rather than the settings.
-_COMMAND = {"config", "log_file", "log_level", "log_format", "metrics_addr"}
+_COMMAND = {
+    "config": ("FILE", "the configuration file, as --config"),
+    "log_file": ("FILE", "write the log here, as --log-file"),
+    "log_level": ("LEVEL", "debug, info, warning or error, as --log-level"),
+    "log_format": ("FORMAT", "text or json, as --log-format"),
+    "metrics_addr": ("HOST:PORT", "serve Prometheus metrics here, as --metrics-addr"),
+}
 # mount(8), fstab and systemd options: theirs, not ours.
 _THEIRS = {
     # mount(8) passes rw unless told ro: the mount is read-only whatever it says.
@@ -85,17 +76,30 @@ def parse_options(groups: list[str]) -> MountOptions:
             name = name.strip()
             if name in _THEIRS or name.startswith(("x-", "comment=")):
                 continue
-            if name in _FLAGS:
-                out.settings[_FLAGS[name]] = True
+            setting = BY_OPTION.get(name)
+            if setting is not None and setting.kind is Kind.BOOL:
+                out.settings[setting.field] = True
                 continue
-            if name in _VALUED or name in _COMMAND:
+            if setting is not None or name in _COMMAND:
                 if not sep or not value:
                     raise ConfigError(f"-o {name} needs a value: {name}=...")
-                if name in _COMMAND:
+                if setting is None:
                     out.command[name] = value
                 else:
-                    key, parse = _VALUED[name]
-                    out.settings[key] = parse(value) if parse is str else parse(value, f"-o {name}")
+                    out.settings[setting.field] = setting.parse_option(value)
                 continue
             raise ConfigError(f"unknown mount option '{name}'")
     return out
+
+
+def describe_options() -> str:
+    """The -o options for `enosfs mount --help`, from the settings schema."""
+    lines = ["-o options (those of mount(8), fstab and systemd are accepted and left to them):"]
+    for name, (metavar, meaning) in _COMMAND.items():
+        lines += [f"  {name}={metavar}", f"      {meaning}"]
+    for s in SCHEMA:
+        if s.option is None:
+            continue
+        shown = s.option if s.kind is Kind.BOOL else f"{s.option}={s.kind.value}"
+        lines += [f"  {shown}  ({s.key}, default {s.shown_default})", f"      {s.help}"]
+    return "\n".join(lines)

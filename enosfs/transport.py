@@ -44,7 +44,7 @@ class _Connection:
         self.idle_since = 0.0
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
-    async def receive(self, max_bytes: int, timeout: float) -> bytes:
+    async def receive(self, max_bytes: int, timeout: float) -> bytes | bytearray:
         if self.buffer:
             out = bytes(self.buffer[:max_bytes])
             del self.buffer[:max_bytes]
@@ -140,7 +140,7 @@ class _Body(httpx.AsyncByteStream):
         del self.conn.buffer[: end + 2]
         return line
 
-    async def _raw(self, timeout: float) -> bytes:
+    async def _raw(self, timeout: float) -> bytes | bytearray:
         try:
             with trio.fail_after(timeout):
                 return await self.conn.stream.receive_some(READ_SIZE)
@@ -380,8 +380,8 @@ def _request_head(
     if not any(name.lower() == b"host" for name, _ in headers):
         scheme, host, port = origin
         default = 443 if scheme == "https" else 80
-        name = f"[{host}]" if ":" in host else host  # an IPv6 literal
-        lines.append(b"Host: " + (name if port == default else f"{name}:{port}").encode())
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        lines.append(b"Host: " + (shown if port == default else f"{shown}:{port}").encode())
     for name, value in headers:
         lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"

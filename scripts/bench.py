@@ -19,7 +19,6 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +30,14 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
-from enosfs.config import SECRET_ENV
+from enosfs.emulator.process import (
+    MountFailed,
+    mount_in_background,
+    start_emulator,
+    stop_process,
+    unmount_and_wait,
+    wait_mounted,
+)
 from enosfs.emulator.state import generated_bytes
 from enosfs.signature import token_signature
 
@@ -175,11 +181,6 @@ class Mounted:
         return 0
 
 
-def is_mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
 @contextlib.contextmanager
 def mount(server: Server, work: Path, extra: str = "") -> Iterator[Mounted]:
     extra = EXTRA_CONFIG + "\n" + extra
@@ -190,38 +191,15 @@ def mount(server: Server, work: Path, extra: str = "") -> Iterator[Mounted]:
         f'[enos]\ngateway = "{server.url}"\napp_key = "{APP_KEY}"\n'
         f'[[org]]\nid = "{ORG}"\n[cache]\nmemory = "{MEMORY_BUDGET}"\n{extra}\n'
     )
-    env = dict(os.environ, **{SECRET_ENV: APP_SECRET})
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enosfs",
-            "mount",
-            "-f",
-            "--config",
-            str(cfg),
-            "--log-level",
-            "warning",
-            str(mnt),
-        ],
-        env=env,
-    )
+    proc = mount_in_background(cfg, mnt, APP_SECRET, "--log-level", "warning", stdout=None)
     try:
-        deadline = time.monotonic() + 60
-        while not is_mounted(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench: the mount did not start")
-            time.sleep(0.02)
+        try:
+            wait_mounted(mnt, proc)
+        except MountFailed:
+            raise SystemExit("bench: the mount did not start") from None
         yield Mounted(proc, mnt)
     finally:
-        subprocess.run(
-            ["fusermount3", "-u", str(mnt)], check=False, capture_output=True, timeout=60
-        )
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        unmount_and_wait(mnt, proc)
 
 
 # -- workloads --------------------------------------------------------------------------
@@ -567,8 +545,6 @@ def main() -> int:
     try:
         url = args.url
         if url is None:
-            from enosfs.cli import start_emulator
-
             data = Path(args.data_dir)
             seed_dir = data / "seed"
             seed_dir.mkdir(parents=True, exist_ok=True)
@@ -611,8 +587,6 @@ def main() -> int:
         return 0 if all(r.verified for r in bench.results) else 1
     finally:
         if emulator is not None:
-            from enosfs.cli import stop_process
-
             stop_process(emulator)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,11 +19,17 @@ from typing import Any
 
 import httpx
 
-from enosfs.cli import start_emulator, stop_process
 from enosfs.config import SECRET_ENV, Secret, Settings, settings_from_dict
 from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
-
-MOUNT_TIMEOUT = 60.0
+from enosfs.emulator.process import (
+    MountFailed,
+    is_mounted,
+    mount_in_background,
+    start_emulator,
+    stop_process,
+    unmount_and_wait,
+    wait_mounted,
+)
 
 
 @dataclass
@@ -118,19 +123,6 @@ class Mount:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def is_mounted(path: Path) -> bool:
-    target = str(path.resolve())
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-def unmount(path: Path) -> None:
-    if is_mounted(path):
-        subprocess.run(
-            ["fusermount3", "-u", str(path)], check=False, timeout=30, capture_output=True
-        )
-
-
 @contextmanager
 def mounted(
     tmp: Path, emu: Emulator, extra_config: str = "", *args: str, secret: str | None = None
@@ -140,45 +132,26 @@ def mounted(
     mnt.mkdir(exist_ok=True)
     cfg = write_config(tmp / "enosfs.toml", emu, extra_config)
     log = tmp / "mount.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enosfs",
-            "mount",
-            "-f",
-            "--config",
-            str(cfg),
-            "--log-level",
-            "debug",
-            "--log-file",
-            str(log),
-            *args,
-            str(mnt),
-        ],
-        env=secret_env(secret or emu.app_secret),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
+    proc = mount_in_background(
+        cfg,
+        mnt,
+        secret or emu.app_secret,
+        "--log-level",
+        "debug",
+        "--log-file",
+        str(log),
+        *args,
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(mnt):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise AssertionError(f"mount exited {proc.returncode}: {err}")
-            if time.monotonic() > deadline:
-                raise AssertionError("mount did not appear in time")
-            time.sleep(0.02)
+        try:
+            wait_mounted(mnt, proc)
+        except MountFailed as exc:
+            raise AssertionError(str(exc)) from None
         mount = Mount(proc, mnt, log)
         yield mount
     finally:
-        unmount(mnt)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        unmount_and_wait(mnt, proc, timeout=30)
         if proc.stderr:
             if "mount" in locals():
                 mount.stderr = proc.stderr.read().decode(errors="replace")

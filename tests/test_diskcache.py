@@ -66,6 +66,7 @@ async def test_concurrent_writes_never_eat_into_min_free(small_disk: Path) -> No
             assert await cache.get(f"block {i}", MiB) == bytearray([i]) * MiB
 
 
+@pytest.mark.allow_warnings(r"damaged block")
 async def test_many_damaged_blocks_give_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

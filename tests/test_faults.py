@@ -30,6 +30,8 @@ from tests.support import (
     write_config,
 )
 
+pytestmark = pytest.mark.mount
+
 BIG = "WTG-001/feature/vibration_raw.bin"
 CSV = "WTG-002/feature/scada_export.csv"
 FAST = '[network]\ntimeout = "2s"\n'  # every fault test has a short deadline

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,13 @@ BIG = "WTG-001/feature/vibration_raw.bin"
 CORRUPT_ONCE = {"kind": "corrupt", "after": 5000, "times": 1, "match": "files.download"}
 
 
-def wait_for(predicate, seconds: float = 20.0) -> bool:
+def wait_for(predicate: Callable[[], object], seconds: float = 20.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.1)
-    return predicate()
+    return bool(predicate())
 
 
 def test_a_corrupted_large_file_fails_at_its_end_and_is_right_next_time(

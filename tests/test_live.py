@@ -40,6 +40,7 @@ BIG = "WTG-001/feature/vibration_raw.bin"
 # -- the disk cache ---------------------------------------------------------------------
 
 
+@pytest.mark.mount
 def test_disk_cache_survives_a_remount_with_no_downloads(emu: Emulator, work: Path) -> None:
     files = demo_files(emu)
     blobs = emu.blobs()
@@ -67,6 +68,7 @@ def test_disk_cache_survives_a_remount_with_no_downloads(emu: Emulator, work: Pa
     assert stats.get("files.download.bytes", 0) == 0
 
 
+@pytest.mark.mount
 def test_a_damaged_cache_block_is_fetched_again(emu: Emulator, work: Path) -> None:
     uri = demo_files(emu)[CSV]
     cache = work / "cache"
@@ -85,6 +87,7 @@ def test_a_damaged_cache_block_is_fetched_again(emu: Emulator, work: Path) -> No
     assert emu.stats()["files.download"] == 1
 
 
+@pytest.mark.mount
 def test_a_truncated_cache_block_is_fetched_again(emu: Emulator, work: Path) -> None:
     uri = demo_files(emu)[CSV]
     cache = work / "cache"
@@ -97,6 +100,7 @@ def test_a_truncated_cache_block_is_fetched_again(emu: Emulator, work: Path) -> 
         assert (m.org / CSV).read_bytes() == emu.blob(uri)
 
 
+@pytest.mark.mount
 def test_a_second_mount_on_a_cache_dir_in_use_fails_clearly(emu: Emulator, work: Path) -> None:
     cache = work / "cache"
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
@@ -122,6 +126,7 @@ def test_a_second_mount_on_a_cache_dir_in_use_fails_clearly(emu: Emulator, work:
             assert not is_mounted(other)
 
 
+@pytest.mark.mount
 def test_the_disk_cache_stays_within_its_size(emu: Emulator, work: Path) -> None:
     cache = work / "cache"
     with mounted(work, emu, "", "--cache-dir", str(cache), "--cache-size", "8MiB") as m:
@@ -136,6 +141,7 @@ def test_the_disk_cache_stays_within_its_size(emu: Emulator, work: Path) -> None
 # -- integrity --------------------------------------------------------------------------
 
 
+@pytest.mark.mount
 def test_a_small_file_with_wrong_bytes_is_eio_never_served(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         (m.org / CSV).stat()
@@ -149,6 +155,7 @@ def test_a_small_file_with_wrong_bytes_is_eio_never_served(emu: Emulator, work: 
         assert (m.org / CSV).read_bytes() == emu.blob(demo_files(emu)[CSV])
 
 
+@pytest.mark.mount
 def test_verify_exit_codes(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         folder = m.org / "WTG-001"
@@ -170,6 +177,7 @@ def test_verify_exit_codes(emu: Emulator, work: Path) -> None:
     assert out.returncode == 1 and "no such file" in out.stderr
 
 
+@pytest.mark.mount
 def test_getfattr_tells_where_a_file_came_from(emu: Emulator, work: Path) -> None:
     uri = demo_files(emu)[CSV]
     blob = emu.blobs()[uri]
@@ -189,6 +197,7 @@ def test_getfattr_tells_where_a_file_came_from(emu: Emulator, work: Path) -> Non
 # -- visible state ----------------------------------------------------------------------
 
 
+@pytest.mark.mount
 def test_stats_move_as_reads_happen(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         assert sorted(os.listdir(m.path / ".enosfs")) == ["config", "stats", "version"]
@@ -211,6 +220,7 @@ def test_stats_move_as_reads_happen(emu: Emulator, work: Path) -> None:
         assert info.value.errno == errno.EROFS
 
 
+@pytest.mark.mount
 def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         (m.org / CSV).read_bytes()
@@ -234,6 +244,7 @@ def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
     assert out.returncode == 1 and "not an enosfs mount" in out.stderr
 
 
+@pytest.mark.mount
 def test_prometheus_metrics_and_json_logs(emu: Emulator, work: Path) -> None:
     port = free_port()
     with mounted(work, emu, "", "--metrics-addr", f"127.0.0.1:{port}", "--log-format", "json") as m:
@@ -278,6 +289,7 @@ def test_o_options() -> None:
             parse_options([bad]).apply(base)
 
 
+@pytest.mark.mount
 def test_mount_t_fuse_enosfs_through_the_helper(emu: Emulator, work: Path) -> None:
     helper = Path("/sbin/mount.fuse.enosfs")
     ours = shutil.which("mount.fuse.enosfs", path=os.path.dirname(sys.executable))
@@ -322,6 +334,7 @@ def test_mount_t_fuse_enosfs_through_the_helper(emu: Emulator, work: Path) -> No
             helper.unlink()
 
 
+@pytest.mark.mount
 def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) -> None:
     mnt = work / "mnt"
     mnt.mkdir()

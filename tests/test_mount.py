@@ -30,6 +30,8 @@ from tests.support import (
     write_config,
 )
 
+pytestmark = pytest.mark.mount
+
 BIG = "WTG-001/feature/vibration_raw.bin"
 
 

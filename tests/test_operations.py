@@ -69,6 +69,7 @@ def test_umount_refuses_what_is_not_a_fuse_mount(work: Path) -> None:
 # -- a crashed mount --------------------------------------------------------------------
 
 
+@pytest.mark.mount
 def test_a_killed_mount_is_cleaned_up_and_mounted_again_at_once(emu: Emulator, work: Path) -> None:
     """Right after kill -9 the kernel still answers stat from cached attributes; the
     next `enosfs mount` must see the mount is dead anyway, clean it and mount."""
@@ -95,6 +96,7 @@ def test_a_killed_mount_is_cleaned_up_and_mounted_again_at_once(emu: Emulator, w
         wait_gone(pid2)
 
 
+@pytest.mark.mount
 def test_a_dead_mount_can_be_unmounted(emu: Emulator, work: Path) -> None:
     mnt = work / "mnt"
     mnt.mkdir()
@@ -115,6 +117,7 @@ def test_a_dead_mount_can_be_unmounted(emu: Emulator, work: Path) -> None:
 # -- kernel read-ahead ------------------------------------------------------------------
 
 
+@pytest.mark.mount
 @pytest.mark.skipif(os.getuid() != 0, reason="raising the kernel's read-ahead needs root")
 def test_kernel_read_ahead_holds_after_init_and_is_reported(emu: Emulator, work: Path) -> None:
     with mounted(work, emu, '[kernel]\nread_ahead = "4MiB"\n') as m:
@@ -161,6 +164,7 @@ def loopback_name() -> str | None:
         return None
 
 
+@pytest.mark.mount
 def test_plain_http_to_another_host_is_warned_once(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         assert "plain http://" not in m.log_text()  # the emulator on loopback: quiet
@@ -191,6 +195,7 @@ def test_plain_http_to_another_host_is_warned_once(emu: Emulator, work: Path) ->
 # -- the integration host ---------------------------------------------------------------
 
 
+@pytest.mark.mount
 def test_an_untrusted_certificate_on_the_integration_host_stops_the_mount(
     demo_emu: Emulator, work: Path
 ) -> None:

@@ -521,3 +521,18 @@ def test_config_remembers_where_the_secret_file_is(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, text), env={})
     assert s.app_secret_file == str(secret) and "from-file" not in str(s.redacted())
     assert load_settings(write(tmp_path, BASE), env={SECRET_ENV: "x"}).app_secret_file is None
+
+
+def test_a_file_looks_the_same_whether_listed_or_asked_about() -> None:
+    """The firmware search gives a sign only, getFileInfo the sign and the md5: the
+    same bytes must keep one version, or the file "changes" at every refresh (its
+    cached blocks dropped and its readers told ESTALE)."""
+    from enosfs.api import FileMeta
+
+    sign = "ab" * 32
+    listed = FileMeta(uri="enos-connect://x.hex", size=10, sign_method="sha256", sign=sign)
+    asked = FileMeta(
+        uri="enos-connect://x.hex", size=10, md5="cd" * 16, sign_method="sha256", sign=sign
+    )
+    assert listed.version == asked.version
+    assert asked.digest == ("md5", "cd" * 16)  # the check still prefers the md5

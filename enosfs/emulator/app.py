@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -609,13 +610,13 @@ class Emulator:
         if not self.switches.honour_range:
             wanted = None
         path = str(self.state.blob_path(blob))
-        if wanted == "unsatisfiable":
+        if isinstance(wanted, str):  # "unsatisfiable"
             self.counts["files.download.416"] += 1
             return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
         if wanted is None:
             self.counts["files.download.full"] += 1
             return BlobResponse(path, 0, size - 1, 200, headers, self.counts, faults, self.stopping)
-        first, last = wanted  # type: ignore[misc]
+        first, last = wanted
         self.counts["files.download.ranged"] += 1
         headers["content-range"] = f"bytes {first}-{last}/{size}"
         return BlobResponse(path, first, last, 206, headers, self.counts, faults, self.stopping)
@@ -650,7 +651,7 @@ class Emulator:
             return failure(99400, "Invalid Argument: enos-message is not JSON")
         uploads: dict[str, bytes] = {}
         for _, part in form.multi_items():
-            if hasattr(part, "filename") and part.filename:
+            if isinstance(part, UploadFile) and part.filename:
                 data = await part.read()
                 if len(data) > 100 * 1024 * 1024:
                     return failure(99400, f"Invalid Argument: {part.filename} exceeds 100 MB")

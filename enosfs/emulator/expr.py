@@ -98,8 +98,9 @@ class _Parser:
 
     def parse(self) -> Predicate:
         pred = self.or_expr()
-        if self.peek() is not None:
-            raise ExpressionError(f"unexpected {self.peek()[1]!r} in expression")  # type: ignore[index]
+        left = self.peek()
+        if left is not None:
+            raise ExpressionError(f"unexpected {left[1]!r} in expression")
         return pred
 
     def or_expr(self) -> Predicate:

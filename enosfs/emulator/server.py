@@ -43,7 +43,7 @@ class EmulatorOptions:
 
 
 # A reply held by a fault (stall, bandwidth) may keep shutdown waiting this long at most.
-GRACEFUL_SHUTDOWN = 1.0
+GRACEFUL_SHUTDOWN = 1  # whole seconds: uvicorn takes an int
 
 
 def _fingerprint(*parts: bytes) -> str:

@@ -62,7 +62,13 @@ ensure_venv() {
     stamp="$VENV/.enosfs-$extras"
     want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        say "installing enosfs[$extras] into $VENV ..."
+        say "installing enos-fuse[$extras] (enosfs) into $VENV ..."
+        # The distribution was called enosfs before: both would own the enosfs command,
+        # so a venv made then loses the old one first.
+        if "$VENV/bin/python" -m pip show -q enosfs >/dev/null 2>&1; then
+            "$VENV/bin/python" -m pip uninstall -y -q enosfs >/dev/null \
+                || die "pip uninstall enosfs (the old name of this distribution) failed"
+        fi
         timeout 900 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
             -e "$ROOT[$extras]" || die "pip install failed"
         echo "$want" > "$stamp"

@@ -1,0 +1,155 @@
+"""The emulator and a mount, each in a child process, as the demo, the tests, the
+benchmark and the soak start them.
+
+One way to start, watch and end them, here rather than in tests/ or scripts/, so that
+each of those imports it (without pytest) instead of keeping a copy of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from enosfs.config import SECRET_ENV
+from enosfs.errors import EnosfsError
+
+START_TIMEOUT = 180.0  # the first demo run builds its data before serving
+MOUNT_TIMEOUT = 60.0
+
+
+class MountFailed(EnosfsError):
+    """A mount started here ended, or did not show up, before the kernel listed it."""
+
+
+def start_emulator(
+    data_dir: Path, seed: str = "demo", extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `enosfs emulator` on a free loopback port; return its process and URL."""
+    tmp = Path(tempfile.mkdtemp(prefix="enosfs-emulator-"))
+    ready = tmp / "ready.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "enosfs",
+        "emulator",
+        "--seed",
+        seed,
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        "0",
+        "--ready-file",
+        str(ready),
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise EnosfsError(f"the emulator exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise EnosfsError("the emulator did not start in time")
+            time.sleep(0.05)
+        return proc, json.loads(ready.read_text())["url"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there ten seconds later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """Whether the kernel lists a mount at path. Read from /proc/mounts rather than
+    asked with stat(), which a hung mount would answer never."""
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(_unescape(line.split()[1]) == target for line in f)
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes a space, tab, newline or backslash in a path as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_in_background(
+    config: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    secret: str,
+    *args: str,
+    stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+    stderr: int | IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """`enosfs mount -f --config CONFIG ARGS MOUNTPOINT` in a child process, with the
+    secret in its environment as a user would set it; wait_mounted() tells when it is up."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enosfs",
+            "mount",
+            "-f",
+            "--config",
+            str(config),
+            *args,
+            str(mountpoint),
+        ],
+        env={**os.environ, SECRET_ENV: secret},
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def wait_mounted(
+    path: str | os.PathLike[str],
+    proc: subprocess.Popen[bytes],
+    timeout: float = MOUNT_TIMEOUT,
+) -> None:
+    """Return once the kernel shows the mount at path; MountFailed if the process ends
+    first (with what it wrote to a piped stderr) or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not is_mounted(path):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise MountFailed(f"mount exited {proc.returncode}: {err}")
+        if time.monotonic() > deadline:
+            raise MountFailed("mount did not appear in time")
+        time.sleep(0.02)
+
+
+def unmount_and_wait(
+    path: str | os.PathLike[str], proc: subprocess.Popen[bytes], timeout: float = 60.0
+) -> None:
+    """Unmount (if mounted) and wait for the mount process to end, killing it if it
+    outstays the timeout."""
+    if is_mounted(path):
+        subprocess.run(
+            ["fusermount3", "-u", str(path)], check=False, capture_output=True, timeout=timeout
+        )
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
