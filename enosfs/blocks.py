@@ -89,11 +89,35 @@ class CachedFile:
 
 @dataclass
 class Progress:
-    """How one fetch is doing: when its last bytes came, and how many of its bodies
-    were dropped as too slow. Readers waiting on its blocks judge it by this."""
+    """How one fetch is doing: when it started, how fast its bytes came over the last
+    second or so, and how many of its bodies were dropped as too slow. Readers waiting
+    on its blocks judge it by this."""
 
-    at: float = float("-inf")
+    started: float
+    at: float = float("-inf")  # its last bytes
     slow_drops: int = 0
+    rate: float = float("inf")  # bytes a second over the last whole window
+    window_at: float = float("-inf")
+    window_bytes: int = 0
+
+    def got(self, n: int, now: float) -> None:
+        self.at = now
+        if now - self.window_at >= LIVE:
+            if self.window_at > float("-inf"):
+                self.rate = self.window_bytes / (now - self.window_at)
+            self.window_at, self.window_bytes = now, 0
+        self.window_bytes += n
+
+    def dropped(self) -> None:
+        self.slow_drops += 1
+        self.at = float("-inf")
+
+    def alive(self, now: float, min_speed: int) -> bool:
+        """Bytes are coming right now, and (once a window of them was measured) at
+        min_speed at least: a trickle is not "coming"."""
+        if now - self.started < LIVE:
+            return True
+        return now - self.at < LIVE and self.rate >= min_speed
 
 
 @dataclass
@@ -114,9 +138,9 @@ class Flight:
     feeds: list[Progress] = field(default_factory=list)  # the fetches filling it
     refetched: bool = False  # fetched again once after failing its check
 
-    def alive(self, now: float) -> bool:
-        """Are bytes for this block coming right now, on a body not judged too slow?"""
-        return any(now - p.at < LIVE for p in self.feeds)
+    def alive(self, now: float, min_speed: int) -> bool:
+        """Are bytes for this block coming right now, fast enough to count?"""
+        return any(p.alive(now, min_speed) for p in self.feeds)
 
     @property
     def slow_drops(self) -> int:
@@ -291,7 +315,9 @@ class BlockCache:
                 # speed not judged too slow, they are not "bytes that do not come".
                 now = trio.current_time()
                 flight = self.flights.get(self._key(f, index))
-                if flight is not None and (not flight.alive(now) or flight.slow_drops != drops):
+                if flight is not None and (
+                    not flight.alive(now, self.min_speed) or flight.slow_drops != drops
+                ):
                     raise self._timed_out(f, spans)
                 deadline = now + LIVE
             parts.append(memoryview(block)[lo:hi])
@@ -427,6 +453,9 @@ class BlockCache:
         files open at once, each gets less read-ahead, and memory stays bounded.
         """
         if stop <= start or start >= f.size:
+            return
+        if f.size <= self.whole_file_limit:
+            self._ensure_whole(f)  # a small file is only ever fetched, and checked, whole
             return
         bs = self.block_size
         first, last = start // bs, (min(stop, f.size) - 1) // bs
@@ -600,7 +629,7 @@ class BlockCache:
         self._deliver(f, index, flight, from_disk=True)
 
     def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
-        progress = Progress(at=trio.current_time())  # a fetch just started is coming
+        progress = Progress(started=trio.current_time())
         for flight in owned.values():
             flight.fetchers += 1
             flight.feeds.append(progress)
@@ -677,7 +706,7 @@ class BlockCache:
         block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
         slow_bodies = 0  # bodies in a row dropped as too slow
-        progress = progress or Progress()
+        progress = progress or Progress(started=trio.current_time())
         pace: _Pace | None = None
         reached = pos
         completed = False
@@ -726,10 +755,9 @@ class BlockCache:
                                 if pace.too_slow(n):
                                     slow_bodies = (0 if pace.proven else slow_bodies) + 1
                                     self.stats["slow_bodies"] += 1
-                                    progress.slow_drops += 1
-                                    progress.at = float("-inf")
+                                    progress.dropped()
                                     raise _TooSlow
-                                progress.at = pace.now
+                                progress.got(n, pace.now)
                                 self.stats["bytes"] += n
                                 if hasher is not None:
                                     hasher.update(view[:n])

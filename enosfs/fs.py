@@ -36,7 +36,7 @@ R = TypeVar("R")
 XATTR_PREFIX = "user.enos."
 # How far past the next byte to hash a read may end and still be held for hashing: the
 # kernel's parallel reads of its read-ahead window land slightly out of order.
-READING_WINDOW = 4 * 1024 * 1024
+READING_WINDOW = 16 * 1024 * 1024
 # A read that waited longer than this was in trouble; the next one, likely the rest of
 # the same system call, gets only what is left of the deadline. A faster one ends the
 # chain.
@@ -333,7 +333,9 @@ class EnosFS(pyfuse3.Operations):
             return keep
         assert h.cached.digest is not None
         algorithm, want = h.cached.digest
-        window = max(READING_WINDOW, 2 * self.settings.kernel_read_ahead)
+        # The kernel keeps up to two of its read-ahead windows in flight, whose parts
+        # may land in any order; a reader that skips further than this makes no claim.
+        window = max(READING_WINDOW, 8 * self.settings.kernel_read_ahead)
         h.reading = Reading(algorithm, want, h.cached.size, window, self.cache.block_size)
         self.cache.readings[h.cached.key] += 1
         if h.direct:
