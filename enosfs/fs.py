@@ -417,9 +417,12 @@ class EnosFS(pyfuse3.Operations):
             try:
                 await self._check_reading(h, off, data)
             except IntegrityError:
-                # What the kernel holds of this file came from the same bad bytes.
+                # What the kernel holds of this file came from the same bad bytes, if
+                # this open file put it there. If another one did (this one bypasses
+                # the page cache), dropping its pages now would make the kernel read
+                # them again and break that reading, which judges them itself.
                 h.failed = True
-                self.forget_pages(h.inode)
+                self.forget_pages(h.inode, now=h.page_user or not self.page_users[h.inode])
                 raise
         ahead = h.readahead.on_read(off, size, h.cached.size)
         if ahead is not None:
@@ -453,12 +456,13 @@ class EnosFS(pyfuse3.Operations):
             return
         raise self.cache.corrupt(h.cached)
 
-    def forget_pages(self, inode: int) -> None:
-        """Have the kernel drop its cached pages of a file: at once for open handles,
-        and the next open does not keep them either."""
+    def forget_pages(self, inode: int, *, now: bool = True) -> None:
+        """Have the kernel drop its cached pages of a file: the next open does not keep
+        them, and with now, open files lose them at once too."""
         self.kernel_versions.pop(inode, None)
         self.clean_pages.discard(inode)
-        self.cache.nursery.start_soon(invalidate_pages, inode)
+        if now:
+            self.cache.nursery.start_soon(invalidate_pages, inode)
 
     async def release(self, fh: int) -> None:
         self.snapshots.pop(fh, None)
