@@ -41,7 +41,7 @@ from enosfs.errors import (
     NotFound,
     TransportError,
 )
-from enosfs.fs import EnosFS
+from enosfs.fs import EnosFS, invalidate_pages
 from enosfs.metrics import serve as serve_metrics
 from enosfs.namespace import Dir, File, Namespace
 from enosfs.retry import RetryPolicy, retrying
@@ -470,15 +470,7 @@ class Mount:
         """A file's content changed on the server: drop what we and the kernel hold."""
         if self.parts.cache is not None and old is not None and old.size is not None:
             self.parts.cache.drop(CachedFile.of(f.ref, old))
-
-        async def invalidate() -> None:
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, f.inode)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOSYS):
-                    log.debug("invalidate %s: %s", f.path, exc)
-
-        nursery.start_soon(invalidate)
+        nursery.start_soon(invalidate_pages, f.inode)
 
 
 def run_foreground(
