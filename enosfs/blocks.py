@@ -89,11 +89,10 @@ class CachedFile:
 
 @dataclass
 class Progress:
-    """How one fetch is doing: when it started, how fast its bytes came over the last
-    second or so, and how many of its bodies were dropped as too slow. Readers waiting
-    on its blocks judge it by this."""
+    """How one fetch is doing: how fast its bytes came over the last second or so, and
+    how many of its bodies were dropped as too slow. Readers waiting on its blocks judge
+    it by this."""
 
-    started: float
     at: float = float("-inf")  # its last bytes
     slow_drops: int = 0
     rate: float = float("inf")  # bytes a second over the last whole window
@@ -114,9 +113,8 @@ class Progress:
 
     def alive(self, now: float, min_speed: int) -> bool:
         """Bytes are coming right now, and (once a window of them was measured) at
-        min_speed at least: a trickle is not "coming"."""
-        if now - self.started < LIVE:
-            return True
+        min_speed at least: a trickle is not "coming", nor is a fetch that has brought
+        nothing yet (the reader's own deadline covers its first bytes)."""
         return now - self.at < LIVE and self.rate >= min_speed
 
 
@@ -629,7 +627,7 @@ class BlockCache:
         self._deliver(f, index, flight, from_disk=True)
 
     def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
-        progress = Progress(started=trio.current_time())
+        progress = Progress()
         for flight in owned.values():
             flight.fetchers += 1
             flight.feeds.append(progress)
@@ -706,7 +704,7 @@ class BlockCache:
         block: bytearray | None = None  # buffer of the block holding pos, while in use
         resumes = 0
         slow_bodies = 0  # bodies in a row dropped as too slow
-        progress = progress or Progress(started=trio.current_time())
+        progress = progress or Progress()
         pace: _Pace | None = None
         reached = pos
         completed = False
