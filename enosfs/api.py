@@ -35,6 +35,8 @@ from enosfs.errors import (
 from enosfs.jsonbody import read_capped
 from enosfs.naming import uri_id
 from enosfs.retry import RetryPolicy, as_enosfs_error, retrying
+from enosfs.settings_schema import default
+from enosfs.throttle import ApiThrottle
 from enosfs.transport import LeanTransport, origin_of
 
 log = logging.getLogger(__name__)
@@ -422,8 +424,12 @@ class EnosClient:
         integration: str,
         policy: RetryPolicy | None = None,
         lean: LeanTransport | None = None,
+        max_api_concurrency: int | None = None,
     ) -> None:
         self.http = http
+        # One adaptive bound on every API call of the mount; file bodies only pass its
+        # Retry-After gate (throttle.py says why).
+        self.throttle = ApiThrottle(max_api_concurrency or default("max_api_concurrency"))
         # File bodies go through the lean transport where there is one (transport.py).
         self.lean = lean
         files_url = httpx.URL(f"{integration.rstrip('/')}/connect-service/v2.1/files")
@@ -438,6 +444,15 @@ class EnosClient:
         self._learning = trio.Lock()
         self.requests: Counter[str] = Counter()
         self.retries = 0
+
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: what it asked EnOS, how often it tried again, and
+        how hard the gateway pushed back."""
+        return {
+            "requests": dict(sorted(self.requests.items())),
+            "retries": self.retries,
+            "throttle": self.throttle.stats(),
+        }
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -467,26 +482,29 @@ class EnosClient:
         """One EnOS service call; returns the success envelope."""
 
         async def send(token: str) -> dict[str, Any]:
-            self.requests[kind] += 1
-            # Streamed, so that an answer past MAX_JSON is refused without buffering it.
-            async with self.http.stream(
-                method,
-                url,
-                params=params,
-                json=body,
-                headers={"apim-accesstoken": token},
-            ) as resp:
-                content = await read_capped(resp, what)
-            if resp.status_code == 429:
-                raise RateLimited(
-                    _message(content) or "rate limit exceeded",
-                    _retry_after(resp),
-                    http_status=429,
-                    what=what,
-                )
-            doc = check_envelope(resp.status_code, content, what)
-            assert doc is not None
-            return doc
+            # The answer is judged inside the slot: a rate-limit envelope cuts the bound
+            # as a 429 does.
+            async with self.throttle.slot():
+                self.requests[kind] += 1
+                # Streamed, so that an answer past MAX_JSON is refused without buffering it.
+                async with self.http.stream(
+                    method,
+                    url,
+                    params=params,
+                    json=body,
+                    headers={"apim-accesstoken": token},
+                ) as resp:
+                    content = await read_capped(resp, what)
+                if resp.status_code == 429:
+                    raise RateLimited(
+                        _message(content) or "rate limit exceeded",
+                        _retry_after(resp),
+                        http_status=429,
+                        what=what,
+                    )
+                doc = check_envelope(resp.status_code, content, what)
+                assert doc is not None
+                return doc
 
         return await retrying(
             self.policy, what, lambda: self._with_token(send), on_retry=self._count_retry
@@ -696,6 +714,12 @@ class EnosClient:
         holder: list[httpx.Response] = []
 
         async def send(token: str) -> Body:
+            # A body takes no slot of the API bound (it may stream for minutes): it only
+            # waits out a Retry-After, and a 429 it gets cuts the bound all the same.
+            async with self.throttle.passage():
+                return await open_one(token)
+
+        async def open_one(token: str) -> Body:
             self.requests[kind] += 1
             if self.lean is not None:
                 raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]

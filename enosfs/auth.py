@@ -121,6 +121,18 @@ class TokenSource:
             return None
         return self._token.expires_at - trio.current_time()
 
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: when the token runs out (in wall-clock time too,
+        for a reader comparing with the gateway's clock), and how often it was renewed."""
+        left = self.expires_in
+        return {
+            "token": {
+                "expires_in_s": None if left is None else round(left, 1),
+                "expires_at": None if left is None else round(time.time() + left, 1),
+                "renewals": self.refreshes,
+            }
+        }
+
     # -- the owner task ----------------------------------------------------------------
 
     async def start(self) -> None:

@@ -21,14 +21,14 @@ handled by cutting its whole-file stream into blocks as it arrives.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import sys
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cachetools import LRUCache
@@ -38,6 +38,9 @@ from enosfs.diskcache import DiskCache, block_key
 from enosfs.errors import DeadlineError, EnosfsError, FileChanged, IntegrityError, TransportError
 from enosfs.quiet import Quieter
 from enosfs.source import Download, Source
+
+if TYPE_CHECKING:
+    from enosfs.changes import Changes
 
 log = logging.getLogger(__name__)
 _quiet = Quieter(log)
@@ -51,6 +54,8 @@ FAILURE_MEMORY = 1.0
 WAIT_GRACE = 0.75
 # A file whose bytes arrived this recently is being fetched: its readers wait on.
 LIVE = 1.0
+# The least time a fetch's first bytes are judged over (Progress.alive).
+FIRST_LOOK = 0.25
 MAX_GOOD_FILES = 4096
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
 
@@ -112,10 +117,17 @@ class Progress:
         self.at = float("-inf")
 
     def alive(self, now: float, min_speed: int) -> bool:
-        """Bytes are coming right now, and (once a window of them was measured) at
-        min_speed at least: a trickle is not "coming", nor is a fetch that has brought
-        nothing yet (the reader's own deadline covers its first bytes)."""
-        return now - self.at < LIVE and self.rate >= min_speed
+        """Bytes are coming right now, at min_speed at least: a trickle is not
+        "coming", nor is a fetch that has brought nothing yet (the reader's own deadline
+        covers its first bytes). Before a whole window is measured, the bytes so far
+        are judged over at least FIRST_LOOK: a fetch that just started trickling (a
+        resume, a second fetch of the block) must not buy its reader another second."""
+        if now - self.at >= LIVE:
+            return False
+        rate = self.rate
+        if rate == float("inf"):
+            rate = self.window_bytes / max(now - self.window_at, FIRST_LOOK)
+        return rate >= min_speed
 
 
 @dataclass
@@ -243,11 +255,40 @@ class BlockCache:
         self.readings: Counter[tuple[str, Hashable]] = Counter()
         self.failures: dict[tuple[object, ...], tuple[float, BaseException]] = {}
         # Told when a download shows a file changed under us (the namespace re-checks).
-        self.on_changed: Callable[[str], None] | None = None
+        self.changes: Changes | None = None
         self.flights: dict[tuple[object, ...], Flight] = {}
-        self.stats: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
         self._free: list[bytearray] = []
         self._released: list[bytearray] = []
+
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: the memory tier of the cache, and the blocks on
+        their way."""
+        c = self.counts
+        return {
+            "bytes_downloaded": c["bytes"],
+            "cache": {
+                "memory": {
+                    "hits": c["hits"],
+                    "misses": c["waits"],
+                    "bytes": self.lru.currsize,
+                    "capacity": self.lru.maxsize,
+                    "blocks": len(self.lru),
+                },
+                "verified_files": c["verified_files"],
+                "integrity_failures": c["integrity_failures"],
+                "bad_blocks": c["bad_blocks"],
+                "files_changed": c["changed"],
+                "resumes": c["resumes"],
+                "read_ahead_clipped": c["readahead_clipped"],
+                "split_fetches": c["split_fetches"],
+                "failed_fast": c["failed_fast"],
+                "reader_timeouts": c["reader_timeouts"],
+                "slow_bodies": c["slow_bodies"],
+                "reused_buffers": c["reused_buffers"],
+            },
+            "in_flight": {"blocks": len(self.flights), "bytes": self.inflight},
+        }
 
     # -- reading -------------------------------------------------------------------------
 
@@ -291,7 +332,7 @@ class BlockCache:
         if self.failures:
             self._fail_fast(f, spans)
         if no_wait and not all(self._available(f, i, lo, hi) for i, lo, hi in spans):
-            self.stats["failed_fast"] += 1
+            self.counts["failed_fast"] += 1
             raise DeadlineError(f"download {f.ref.uri}: the bytes are still not here")
         if f.size <= self.whole_file_limit:
             self._ensure_whole(f)
@@ -337,7 +378,7 @@ class BlockCache:
         for index, lo, hi in spans:
             failed = self._recent_failure(self._key(f, index), now)
             if failed is not None and not self._available(f, index, lo, hi):
-                self.stats["failed_fast"] += 1
+                self.counts["failed_fast"] += 1
                 raise failed[1].with_traceback(None)
 
     def _recent_failure(
@@ -353,7 +394,7 @@ class BlockCache:
         """A reader waited its whole deadline: remember it, so the calls that follow
         (the kernel's page-by-page retry of the same read) fail at once, not after a
         deadline each."""
-        self.stats["reader_timeouts"] += 1
+        self.counts["reader_timeouts"] += 1
         error = DeadlineError(
             f"download {f.ref.uri}: the bytes did not arrive within {self.wait_limit:g}s"
         )
@@ -386,7 +427,7 @@ class BlockCache:
         blocks on disk may be served."""
         if len(crcs) != (f.size - 1) // self.block_size + 1:
             return
-        self.stats["verified_files"] += 1
+        self.counts["verified_files"] += 1
         if f.key in self.good:
             return  # another reading of it matched first, and did the rest
         self.good[f.key] = crcs
@@ -401,7 +442,7 @@ class BlockCache:
             keys = {
                 key: crcs[i] for i in range(len(crcs)) if (key := self._disk_key(f, i)) is not None
             }
-            self.nursery.start_soon(self.disk.promote, keys)
+            self.disk.later(self.nursery, self.disk.promote, keys)
         # Blocks cached before now may be other copies than those the reading hashed;
         # readers of the file wait until they are checked.
         scan = self.scanning[f.key] = trio.Event()
@@ -418,7 +459,7 @@ class BlockCache:
             scan.set()
 
     def _bad_block(self, f: CachedFile, index: int) -> None:
-        self.stats["bad_blocks"] += 1
+        self.counts["bad_blocks"] += 1
         _quiet.say(
             logging.WARNING,
             f"{f.ref.uri}: a block did not match the file's checked bytes; fetching it again",
@@ -428,7 +469,7 @@ class BlockCache:
         """A whole reading of f did not match its digest: forget every block of it, in
         memory and on disk, so the next reading fetches them all again."""
         assert f.digest is not None
-        self.stats["integrity_failures"] += 1
+        self.counts["integrity_failures"] += 1
         log.error(
             "%s: the bytes do not match the %s EnOS gives for the file; its cached blocks "
             "are dropped and the read fails",
@@ -437,7 +478,7 @@ class BlockCache:
         )
         self.drop(f)
         if self.disk is not None:
-            self.nursery.start_soon(self.disk.discard, self._disk_keys(f))
+            self.disk.later(self.nursery, self.disk.discard, self._disk_keys(f))
         return IntegrityError(f"download {f.ref.uri}: {f.digest[0]} mismatch")
 
     def _disk_keys(self, f: CachedFile) -> list[str]:
@@ -468,7 +509,7 @@ class BlockCache:
         if index > first:
             self._ensure(f, first, index - 1)
         if index <= last:
-            self.stats["readahead_clipped"] += 1
+            self.counts["readahead_clipped"] += 1
 
     def drop(self, f: CachedFile) -> None:
         """Forget every cached block of this version of f."""
@@ -502,7 +543,7 @@ class BlockCache:
 
     def _buffer(self, size: int) -> bytearray:
         if size == self.block_size and self._free:
-            self.stats["reused_buffers"] += 1
+            self.counts["reused_buffers"] += 1
             return self._free.pop()
         return bytearray(size)
 
@@ -519,14 +560,14 @@ class BlockCache:
         key = self._key(f, index)
         data = self.lru.get(key)
         if data is not None:
-            self.stats["hits"] += 1
+            self.counts["hits"] += 1
             return data
         flight = self.flights.get(key)
         if flight is None:
             # Evicted between _ensure and now (a tiny budget): fetch it again.
             self._ensure(f, index, index)
             flight = self.flights[key]
-        self.stats["waits"] += 1
+        self.counts["waits"] += 1
         return await flight.wait_for(lo, hi)
 
     def _missing(self, f: CachedFile, index: int) -> bool:
@@ -575,7 +616,7 @@ class BlockCache:
             if hint is not None and run_start == first:
                 split = (hint - start) // SPLIT_ALIGN * SPLIT_ALIGN + start
             if split is not None and split > start:
-                self.stats["split_fetches"] += 1
+                self.counts["split_fetches"] += 1
                 self._spawn(f, split, end, owned)
                 self._spawn(f, start, split, {run_start: owned[run_start]})
             else:
@@ -643,7 +684,7 @@ class BlockCache:
             if self.disk is not None and from_disk:
                 key = self._disk_key(f, index)
                 if key is not None:
-                    self.nursery.start_soon(self.disk.discard, [key])
+                    self.disk.later(self.nursery, self.disk.discard, [key])
             if not flight.refetched:
                 # Once more from the network; readers keep waiting (the flight holds).
                 flight.refetched = True
@@ -668,9 +709,7 @@ class BlockCache:
         key = None if from_disk else self._disk_key(f, index)
         if key is not None and self.disk is not None:
             # The write task holds the buffer, so it is not reused before it is written.
-            self.nursery.start_soon(
-                functools.partial(self.disk.put, key, flight.data, staged=staged)
-            )
+            self.disk.later(self.nursery, self.disk.put, key, flight.data, staged=staged)
 
     def _fail(self, f: CachedFile, owned: dict[int, Flight], error: EnosfsError) -> None:
         for index, flight in owned.items():
@@ -709,7 +748,7 @@ class BlockCache:
         reached = pos
         completed = False
         failure: EnosfsError | None = None
-        self.stats["fetches"] += 1
+        self.counts["fetches"] += 1
         # A whole file fetched at once is checked against its digest before any reader
         # sees a byte of it: its blocks land only after the check.
         verify = f.digest is not None and start == 0 and end == f.size
@@ -752,11 +791,11 @@ class BlockCache:
                                     break
                                 if pace.too_slow(n):
                                     slow_bodies = (0 if pace.proven else slow_bodies) + 1
-                                    self.stats["slow_bodies"] += 1
+                                    self.counts["slow_bodies"] += 1
                                     progress.dropped()
                                     raise _TooSlow
                                 progress.got(n, pace.now)
-                                self.stats["bytes"] += n
+                                self.counts["bytes"] += n
                                 if hasher is not None:
                                     hasher.update(view[:n])
                                 if flight is not None and not verify:
@@ -788,7 +827,7 @@ class BlockCache:
                     # MAX_RESUMES bodies in a row that brought nothing.
                     resumes = 0 if pos > reached else resumes + 1
                     reached = pos
-                    self.stats["resumes"] += 1
+                    self.counts["resumes"] += 1
                     if resumes > MAX_RESUMES:
                         raise TransportError(
                             f"download {f.ref.uri}: body ended early at byte {pos} of {end}, "
@@ -824,14 +863,14 @@ class BlockCache:
         assert f.digest is not None
         algorithm, want = f.digest
         if got != want.lower():
-            self.stats["integrity_failures"] += 1
+            self.counts["integrity_failures"] += 1
             log.error(
                 "%s: the bytes do not match the %s EnOS gives for the file; not served",
                 f.ref.uri,
                 algorithm,
             )
             raise IntegrityError(f"download {f.ref.uri}: {algorithm} mismatch")
-        self.stats["verified_files"] += 1
+        self.counts["verified_files"] += 1
         for index, flight in list(owned.items()):
             if flight.done.is_set() or flight.buffer is None:
                 continue  # filled by another fetch meanwhile
@@ -852,11 +891,11 @@ class BlockCache:
             if len(self.etags) > 100_000:
                 self.etags.clear()
         if changed is not None:
-            self.stats["changed"] += 1
+            self.counts["changed"] += 1
             # The first ETag stays this version's: readers of it keep getting ESTALE
             # rather than new bytes; a new open learns the new version and its own key.
-            if self.on_changed is not None:
-                self.on_changed(f.ref.uri)
+            if self.changes is not None:
+                self.changes.content_changed(f.ref.uri)
             raise FileChanged(f"download {f.ref.uri}: the file changed ({changed})")
 
     def _adopt_whole_body(

@@ -2,31 +2,45 @@
 
 There is no "list files" API: an asset's files are found by device search, its thing
 model's FILE-type features and their latest values (feature/), or its product's
-firmware (ota/), then sized by getFileInfo, and merged with the files the configuration
-names. This module does that walk and nothing else: it holds no inode and no node, so
-the tree (namespace.py) decides names and identity, and this decides what exists.
+firmware (ota/), and merged with the files the configuration names. This module does
+that walk and nothing else: it holds no inode and no node, so the tree (namespace.py)
+decides names and identity, and this decides what exists.
+
+A listing does not size its files: `find` and `ls` need names only, and getFileInfo per
+file would be most of a walk's calls. Sizes are asked for (`sizes`) when the tree is
+asked for attributes, a folder at a time.
 
 Device, thing-model and firmware answers are kept for `metadata_ttl` seconds: a folder
 refresh of a thousand assets sharing a few models asks for each model once. An API the
 app is not permitted to use is said once in the log and treated as answering nothing,
 so the configured part of the tree still shows.
+
+With a cache folder, every listing and file record fetched is also written to the
+metadata store (metastore.py), and an org's first listings after a mount are offered
+from it (`kept_assets`, `kept_entries`) with the time they were fetched, so the tree
+serves them at once and asks again when they would have expired anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import trio
 
-from enosfs.api import BadRecord, Device, EnosClient, FileFeatures, FileMeta, FileRef, Firmware
+from enosfs.api import BadRecord, Device, FileFeatures, FileMeta, FileRef, Firmware
 from enosfs.config import Settings
 from enosfs.errors import Denied, EnosfsError, NotFound
 from enosfs.expiring import Expiring
 from enosfs.naming import feature_file_name, firmware_file_name, safe_name, uri_id
+from enosfs.source import Listings
+
+if TYPE_CHECKING:
+    from enosfs.metastore import MetaStore, OrgRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +60,29 @@ class Entry:
     meta: FileMeta | None
     origin: dict[str, str]
     mtime_ms: int | None
-
-
-KnownMeta = Callable[[str], FileMeta | None]
-
-
-def _none(uri: str) -> FileMeta | None:
-    return None
+    # When meta was fetched, in the catalog's clock, if not just now (a record kept
+    # from an earlier mount): the tree trusts it only until it would have expired.
+    meta_at: float | None = None
 
 
 class Catalog:
     def __init__(
         self,
-        client: EnosClient,
+        client: Listings,
         settings: Settings,
         *,
         clock: Callable[[], float] = trio.current_time,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.settings = settings
+        self.clock = clock
+        self.wall = wall  # the store's clock: it must mean the same after a remount
+        # Where listings and records are kept across mounts (set by the mount).
+        self.store: MetaStore | None = None
+        # org -> what the store had and is not used yet (None: nothing to offer).
+        self._kept: dict[str, OrgRecord | None] = {}
+        self._loading: dict[str, trio.Event] = {}
         ttl = settings.metadata_ttl
         self.devices: Expiring[tuple[str, str], Device] = Expiring(ttl, clock)
         self.models: Expiring[tuple[str, str], FileFeatures] = Expiring(ttl, clock)
@@ -91,11 +109,14 @@ class Catalog:
                 ids.append(dev.asset_id)
         ids.extend(settings.assets)
         ids.extend(f.asset for f in self.settings.files if f.org == org)
-        return sorted(set(ids))
+        found = sorted(set(ids))
+        if self.store is not None:
+            self.store.save_assets(org, found, self.wall())
+        return found
 
     async def has_asset(self, org: str, name: str) -> bool:
         """Whether `name` is the id of an asset no listing shows (a user may name it)."""
-        if not _ASSET_NAME.fullmatch(name):
+        if not self.could_be_asset(name):
             return False
         try:
             device = await self.client.get_device(org, name)
@@ -106,40 +127,153 @@ class Catalog:
 
     # -- an asset's category -------------------------------------------------------------
 
-    async def entries(
-        self,
-        org: str,
-        asset: str,
-        category: str,
-        *,
-        known: KnownMeta = _none,
-        where: str = "",
-    ) -> list[Entry]:
-        """The category's files, sized. `known` gives a metadata record still fresh
-        (so a refresh asks getFileInfo only for what it does not know); `where` names
-        the folder in the log."""
+    async def entries(self, org: str, asset: str, category: str) -> list[Entry]:
+        """The category's files, sized only where the listing itself said (firmware)."""
         if category == "feature":
             entries = await self._feature_entries(org, asset)
         else:
             entries = await self._ota_entries(org, asset)
         entries.extend(self._configured(org, asset, category))
-        place = (org, asset, category)
-        return await self._with_meta(place, entries, known, where)
+        if self.store is not None:
+            self.store.save_listing((org, asset, category), entries, self.wall())
+        return entries
+
+    @staticmethod
+    def could_be_asset(name: str) -> bool:
+        """Whether `name` can be an asset id at all: a name that cannot (`.git`,
+        `__pycache__`, `a b`) is not worth a call to find out it is not there."""
+        return _ASSET_NAME.fullmatch(name) is not None
+
+    @staticmethod
+    def could_be_file_id(name: str) -> bool:
+        """Whether `name` can be a fileUri's id, as could_be_asset is for assets."""
+        return _ID_NAME.fullmatch(name) is not None
+
+    async def sizes(
+        self, refs: list[FileRef], where: str = ""
+    ) -> dict[str, FileMeta | EnosfsError]:
+        """fileUri -> its record, or why there is none, for a folder's files at once:
+        `ls -l` asks for every entry right after the first, so the first pays one round
+        trip for all. Concurrent within META_CONCURRENCY (shared by every folder); each
+        fileUri is asked once however many names show it. `where` names the folder in
+        the log."""
+        out: dict[str, FileMeta | EnosfsError] = {}
+
+        async def fill(ref: FileRef) -> None:
+            try:
+                async with self._meta_limit:
+                    out[ref.uri] = await self.file_meta(ref)
+            except NotFound as exc:
+                log.debug("%s: %s is referenced but does not exist", where, ref.uri)
+                out[ref.uri] = exc
+            except BadRecord as exc:
+                # Not shown: nothing true could be said of it in `ls -l`.
+                if ref.uri not in self._bad_said:
+                    self._bad_said.add(ref.uri)
+                    log.warning("%s: not showing %s: %s", where, uri_id(ref.uri), exc)
+                out[ref.uri] = exc
+            except EnosfsError as exc:
+                # Still listed; the next getattr of it asks again.
+                log.warning("%s: no metadata for %s: %s", where, uri_id(ref.uri), exc)
+                out[ref.uri] = exc
+
+        unique = {ref.uri: ref for ref in refs}
+        async with trio.open_nursery() as nursery:
+            for ref in unique.values():
+                nursery.start_soon(fill, ref)
+        return out
 
     async def unlisted_file(self, org: str, asset: str, category: str, name: str) -> Entry | None:
         """The file whose fileUri's id is `name`, though no listing shows it."""
-        if not _ID_NAME.fullmatch(name):
+        if not self.could_be_file_id(name):
             return None
         uri = "enos-connect://" + name
         try:
-            meta = await self.client.file_meta(FileRef(org, asset, category, uri))
+            meta = await self.file_meta(FileRef(org, asset, category, uri))
         except NotFound:
             return None
         return Entry(name, (), uri, meta, {"uri": uri}, meta.create_time_ms)
 
     async def file_meta(self, ref: FileRef) -> FileMeta:
         """One file's record, asked for now (the tree decides when it is due)."""
-        return await self.client.file_meta(ref)
+        meta = await self.client.file_meta(ref)
+        if self.store is not None:
+            self.store.save_meta((ref.org, ref.asset, ref.category), meta, self.wall())
+        return meta
+
+    # -- what an earlier mount kept ------------------------------------------------------
+
+    async def kept_assets(self, org: str) -> tuple[list[str], float] | None:
+        """The org's asset ids as the store kept them, and when (in `clock`) they were
+        listed; once per mount (the first listing), None where there are none."""
+        kept = await self._kept_of(org)
+        if kept is None or kept.assets is None:
+            return None
+        stored, kept.assets = kept.assets, None
+        return stored.value, self._then(stored.age(self.wall()))
+
+    async def kept_entries(
+        self, org: str, asset: str, category: str
+    ) -> tuple[list[Entry], float] | None:
+        """A folder's entries as the store kept them, and when they were listed, with
+        the file records kept since (each with its own time, in Entry.meta_at); once
+        per mount, as kept_assets."""
+        kept = await self._kept_of(org)
+        stored = None if kept is None else kept.listings.pop((asset, category), None)
+        if kept is None or stored is None:
+            return None
+        now = self.wall()
+        listed_at = self._then(stored.age(now))
+        for e in stored.value:
+            record = kept.metas.pop((asset, category, e.uri), None)
+            if record is not None:
+                e.meta, e.meta_at = record.value, self._then(record.age(now))
+            elif e.meta is not None:
+                e.meta_at = listed_at  # came with the listing (firmware)
+            if e.meta is not None and e.mtime_ms is None:
+                e.mtime_ms = e.meta.create_time_ms
+        return stored.value, listed_at
+
+    async def _kept_of(self, org: str) -> OrgRecord | None:
+        """What the store holds of org, loaded at its first use (once, however many
+        folders ask at the same time)."""
+        if self.store is None:
+            return None
+        loading = self._loading.get(org)
+        if loading is None:
+            loading = self._loading[org] = trio.Event()
+            try:
+                self._kept.setdefault(org, await self.store.load(org))
+            finally:
+                loading.set()
+        await loading.wait()
+        return self._kept.get(org)
+
+    def _then(self, age: float) -> float:
+        """The time in `clock` that was `age` seconds ago (-inf for "unknown")."""
+        return self.clock() - age
+
+    def forget(self, org: str, asset: str | None = None) -> None:
+        """Make what is kept of an organisation, or of one asset, stale (`enosfs
+        refresh`): its device, and the thing model and firmware its listing came from,
+        are asked again at next use. Stale, not dropped, so an API that now answers
+        Denied still has the last answer (see Expiring). What an earlier mount kept of
+        it is not offered any more."""
+        kept = self._kept.get(org)
+        if asset is None or kept is None:
+            self._kept[org] = None  # (an org not loaded yet loses all it kept: rare)
+        else:
+            kept.listings = {k: v for k, v in kept.listings.items() if k[0] != asset}
+        if asset is None:
+            self.devices.expire_where(lambda key: key[0] == org)
+            self.models.expire_where(lambda key: key[0] == org)
+            self.firmwares.expire_where(lambda key: key[0] == org)
+            return
+        self.devices.expire_where(lambda key: key == (org, asset))
+        device = self.devices.last((org, asset))
+        if device is not None:
+            self.models.expire_where(lambda key: key == (org, device.model_id))
+            self.firmwares.expire_where(lambda key: key == (org, device.product_key))
 
     # -- the walk ------------------------------------------------------------------------
 
@@ -280,43 +414,6 @@ class Catalog:
                 )
             )
         return entries
-
-    async def _with_meta(
-        self, place: tuple[str, str, str], entries: list[Entry], known: KnownMeta, where: str
-    ) -> list[Entry]:
-        """Fill in sizes concurrently; drop files the server says no longer exist."""
-        gone: set[int] = set()
-
-        async def fill(i: int, e: Entry) -> None:
-            meta = known(e.uri)
-            if meta is not None:
-                e.meta = meta
-                return
-            ref = FileRef(*place, e.uri)
-            try:
-                async with self._meta_limit:
-                    e.meta = await self.client.file_meta(ref)
-            except NotFound:
-                log.debug("%s: %s is referenced but does not exist", where, e.uri)
-                gone.add(i)
-            except BadRecord as exc:
-                # Not shown: nothing true could be said of it in `ls -l`.
-                if e.uri not in self._bad_said:
-                    self._bad_said.add(e.uri)
-                    log.warning("%s: not showing %s: %s", where, e.wanted, exc)
-                gone.add(i)
-            except EnosfsError as exc:
-                # Listed all the same; getattr will try again and report the error.
-                log.warning("%s: no metadata for %s: %s", where, uri_id(e.uri), exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, e in enumerate(entries):
-                if e.meta is None:
-                    nursery.start_soon(fill, i, e)
-        for e in entries:
-            if e.meta is not None and e.mtime_ms is None:
-                e.mtime_ms = e.meta.create_time_ms
-        return [e for i, e in enumerate(entries) if i not in gone]
 
 
 def _is_file_uri(value: Any) -> TypeGuard[str]:

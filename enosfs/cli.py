@@ -1,4 +1,4 @@
-"""The `enosfs` command: mount, umount, emulator, demo.
+"""The `enosfs` command: mount, umount, stats, verify, refresh, warm, emulator, demo.
 
 Errors a user can cause end as one line on stderr and a non-zero exit, never as a
 traceback. Secrets are never taken from the command line, where `ps` would show them.
@@ -37,6 +37,8 @@ log = logging.getLogger("enosfs")
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # a path that is not where the command can act, as argparse's own errors
+WARM_JOBS = 8
 READY_TIMEOUT = 180.0
 
 
@@ -371,6 +373,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return verify(args.paths)
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Ask the mount, over its control socket (control.py), to drop what it holds."""
+    from enosfs.control import ask
+    from enosfs.locate import NotOnMount, place_of
+
+    try:
+        place = place_of(args.path)
+    except NotOnMount as exc:
+        print(f"enosfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    answer = ask(place.mountpoint, {"op": "refresh", "path": "" if args.all else place.relative})
+    if answer.get("missing"):
+        print(
+            f"enosfs: {args.path} is not known to the mount at {place.mountpoint} "
+            "(refresh the folder that holds it)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not answer.get("ok"):
+        print(f"enosfs: {place.mountpoint}: {answer.get('error')}", file=sys.stderr)
+        return EXIT_ERROR
+    where = os.path.join(place.mountpoint, str(answer.get("path", "")).lstrip("/"))
+    print(
+        f"refreshed {where.rstrip('/')}: {answer.get('folders', 0)} folders and "
+        f"{answer.get('files', 0)} files are asked of EnOS again at their next use"
+    )
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from enosfs.locate import NotOnMount, place_of
+    from enosfs.warm import warm
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    try:
+        place = place_of(args.path)
+    except NotOnMount as exc:
+        print(f"enosfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isdir(place.path):
+        print(f"enosfs: {args.path} is not a folder on the mount", file=sys.stderr)
+        return EXIT_USAGE
+    return warm(place.path, args.path, jobs=args.jobs, at_mount_root=not place.relative)
+
+
 def mount_helper(argv: Sequence[str] | None = None) -> int:
     """/sbin/mount.fuse.enosfs: what mount(8) runs for `mount -t fuse.enosfs` and fstab.
 
@@ -432,6 +480,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             "pip install 'enos-fuse[emulator]'"
         ) from None
     from enosfs.emulator.faults import Fault, FaultError, Faults
+    from enosfs.emulator.network import NetworkError, NetworkProfile
+    from enosfs.emulator.ratelimit import RateLimit, RateLimitError
 
     switches = Switches(
         token_lifetime=args.token_lifetime,
@@ -448,6 +498,14 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         faults.replace([Fault.from_spec(spec) for spec in args.fault])
     except FaultError as exc:
         raise ConfigError(f"--fault: {exc}") from None
+    try:
+        network = NetworkProfile.from_spec(args.network) if args.network else None
+    except NetworkError as exc:
+        raise ConfigError(f"--network: {exc}") from None
+    try:
+        rate_limit = RateLimit.from_spec(args.rate_limit) if args.rate_limit else None
+    except RateLimitError as exc:
+        raise ConfigError(f"--rate-limit: {exc}") from None
     return serve(
         EmulatorOptions(
             host=args.host,
@@ -461,6 +519,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             expose_admin=args.expose_admin,
+            network=network,
+            rate_limit=rate_limit,
         )
     )
 
@@ -597,6 +657,30 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", metavar="PATH")
     v.set_defaults(func=cmd_verify)
 
+    r = sub.add_parser(
+        "refresh",
+        help="make a mount ask EnOS again for a folder's listings and file sizes",
+        description="Drop what the mount holds of PATH and everything below it (listings, "
+        "file sizes, and the kernel's copy of names and attributes): the next access asks "
+        "EnOS again. No root needed: the mounting user asks over the mount's own socket.",
+    )
+    r.add_argument("path", metavar="PATH", help="a folder or file on an enosfs mount")
+    r.add_argument("--all", action="store_true", help="everything the mount holds, not only PATH")
+    r.set_defaults(func=cmd_refresh)
+
+    w = sub.add_parser(
+        "warm",
+        help="fetch a subtree's listings and sizes ahead of its users",
+        description="Walk PATH on an enosfs mount with a few threads at once, listing every "
+        "folder and asking the size of every file, so the mount holds them for later "
+        "walks (until cache.metadata_ttl).",
+    )
+    w.add_argument("path", metavar="PATH", help="a folder on an enosfs mount")
+    w.add_argument(
+        "-j", "--jobs", type=int, default=WARM_JOBS, help=f"walkers at once (default {WARM_JOBS})"
+    )
+    w.set_defaults(func=cmd_warm)
+
     u = sub.add_parser("umount", help="unmount an enosfs (or any FUSE) mount")
     u.add_argument("mountpoint")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
@@ -605,7 +689,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("emulator", help="run an EnOS-compatible server for tests and demos")
     e.add_argument("--host", default="127.0.0.1")
     e.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    e.add_argument("--seed", help="'demo', or a seed JSON file or folder holding seed.json")
+    e.add_argument(
+        "--seed",
+        help="'demo'; a seed JSON file or folder holding seed.json; or a generated "
+        "organisation, e.g. generate:devices=5000,models=1,products=5,attrs=2,points=1,"
+        "firmware=1 (also file_min, file_max, firmware_min, firmware_max, seed)",
+    )
     e.add_argument("--data-dir", help="where file bytes and state are kept (default: temporary)")
     e.add_argument("--token-lifetime", type=float, default=7200.0, help="seconds")
     e.add_argument("--no-range", action="store_true", help="ignore Range headers (200 + all)")
@@ -630,6 +719,19 @@ def parser() -> argparse.ArgumentParser:
         "(kinds: latency error envelope deny reset short stall bandwidth)",
     )
     e.add_argument("--fault-seed", type=int, default=0, help="seed for the faults' dice")
+    e.add_argument(
+        "--network",
+        metavar="rtt=40ms,connect=40ms,conn=25MB/s,link=125MB/s",
+        help="play a distant EnOS: a round trip added to every API request, a cost per new "
+        "connection (default: rtt), bytes/s per download and for all downloads together "
+        "(every part optional)",
+    )
+    e.add_argument(
+        "--rate-limit",
+        metavar="N/s",
+        help="at most N API calls a second (or N/min) per app; beyond, HTTP 429 with "
+        "Retry-After and an envelope with code 99429",
+    )
     e.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     e.add_argument("--tls-key", help="the certificate's private key (PEM)")
     e.add_argument("--ready-file", help='write {"url": ..., "data_dir": ...} here once serving')

@@ -90,6 +90,7 @@ class Settings:
     cache_memory: int = default("cache_memory")
     block_size: int = default("block_size")
     metadata_ttl: float = default("metadata_ttl")
+    negative_ttl: float = default("negative_ttl")
     read_ahead: int = default("read_ahead")
     cache_dir: str | None = default("cache_dir")  # None: no disk cache
     disk_size: int = default("disk_size")
@@ -103,6 +104,8 @@ class Settings:
     connect_timeout: float = default("connect_timeout")
     ca_bundle: str | None = default("ca_bundle")
     max_connections: int = default("max_connections")
+    # The ceiling of the adaptive bound on API calls in flight (throttle.py).
+    max_api_concurrency: int = default("max_api_concurrency")
     retries: int = default("retries")
     token_refresh_margin: float = default("token_refresh_margin")
     # A body slower than min_speed bytes/s for speed_time seconds is dropped and resumed

@@ -10,18 +10,24 @@ here, so a key always names one exact content.
 The cache is bounded in bytes (least recently used go first) and never lets the disk's
 free space fall below a minimum. One mount at a time owns a cache folder (an flock).
 All file I/O runs in worker threads, off the trio thread that serves the kernel.
+
+Writes run in the background (later()), and an unmount waits for those under way
+(drain()), a few seconds at most: a block read just before an unmount is there at
+the next mount, and an unmount is never held up for long by a slow disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
 import struct
 import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,8 @@ STAGED = ".staged"
 HEADER = struct.Struct(">8sIQI")  # magic, key length, payload length, crc32
 LAYOUT = "v1"
 DISK_PAGE = 4096
+# How long an unmount waits for the writes under way before dropping the rest.
+DRAIN_TIME = 5.0
 
 
 def block_key(uri: str, size: int, digest: tuple[str, str], block_size: int, index: int) -> str:
@@ -61,8 +69,56 @@ class DiskCache:
         # each write checks free space net of the others', under one lock.
         self._reserved = 0
         self._space = trio.Lock()
-        self.stats: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
         self._lock_fd: int | None = None
+        self._pending = 0  # writes started by later() and not finished
+        self._idle = trio.Event()  # set whenever _pending falls to 0
+        self._draining = False
+        self._refused = 0  # writes asked for once the drain had begun
+
+    # -- writing in the background ------------------------------------------------------
+
+    def later(
+        self, nursery: trio.Nursery, write: Callable[..., Awaitable[None]], *args: Any, **kw: Any
+    ) -> None:
+        """Run a write (put, promote, discard) in the background, counted so drain() can
+        wait for it. Once the drain has begun none is started: the kernel is gone, and
+        what the last fetches bring is not worth holding the unmount for."""
+        if self._draining:
+            self._refused += 1
+            return
+        self._pending += 1
+        nursery.start_soon(self._counted, functools.partial(write, *args, **kw))
+
+    async def _counted(self, write: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await write()
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+
+    async def drain(self, timeout: float = DRAIN_TIME) -> int:
+        """Wait up to timeout seconds for the writes under way; return how many are
+        left (they are dropped with the nursery they run in). Shielded, so an unmount
+        that is itself being cancelled still waits, and never raises Cancelled: safe in
+        a finally block."""
+        self._draining = True
+        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True):
+            while self._pending:
+                self._idle = trio.Event()
+                await self._idle.wait()
+        dropped = self._pending + self._refused
+        if dropped:
+            log.info(
+                "disk cache: %d writes dropped at unmount (%d not done after %gs, "
+                "%d asked for after the unmount)",
+                dropped,
+                self._pending,
+                timeout,
+                self._refused,
+            )
+        return dropped
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -141,19 +197,19 @@ class DiskCache:
         """The block, checked; None (and the entry gone) if it is not intact."""
         name = self.name(key)
         if name not in self.index:
-            self.stats["misses"] += 1
+            self.counts["misses"] += 1
             return None
         self.index.move_to_end(name)
         data = await trio.to_thread.run_sync(self._read, name, key, size)
         if data is None:
-            self.stats["corrupt"] += 1
+            self.counts["corrupt"] += 1
             _quiet.say(
                 logging.WARNING, "disk cache: a damaged block was dropped and will be fetched again"
             )
             self._forget(name)
             await trio.to_thread.run_sync(self._unlink_all, [self._path(name)])
             return None
-        self.stats["hits"] += 1
+        self.counts["hits"] += 1
         return data
 
     def _read(self, name: str, key: str, size: int) -> bytearray | None:
@@ -191,8 +247,8 @@ class DiskCache:
                 if late in self.index:
                     await self._promote({late: crc})
         except Exception as exc:
-            self.stats["write_errors"] += 1
-            if self.stats["write_errors"] == 1:
+            self.counts["write_errors"] += 1
+            if self.counts["write_errors"] == 1:
                 log.warning("disk cache: cannot keep blocks (%s); carrying on without", exc)
 
     async def _put(self, key: str, data: bytearray, *, staged: bool = False) -> None:
@@ -216,7 +272,7 @@ class DiskCache:
         if self.used + need > self.capacity:
             # What is left is being written right now: let this block go.
             await trio.to_thread.run_sync(self._unlink_all, doomed)
-            self.stats["skipped_full_cache"] += 1
+            self.counts["skipped_full_cache"] += 1
             return
         self.used += need
         self._writing.add(name)
@@ -227,21 +283,21 @@ class DiskCache:
             async with self._space:
                 while not await trio.to_thread.run_sync(self._space_for, on_disk + self._reserved):
                     if not self.index:
-                        self.stats["skipped_full_disk"] += 1
+                        self.counts["skipped_full_disk"] += 1
                         return
                     await trio.to_thread.run_sync(self._unlink_all, [self._evict_one()])
                 self._reserved += on_disk
                 reserved = True
             written = await trio.to_thread.run_sync(self._write, name, encoded, data)
             if not written:
-                self.stats["write_failed"] += 1
+                self.counts["write_failed"] += 1
         finally:
             if reserved:
                 self._reserved -= on_disk
             self._writing.discard(name)
             if written:
                 self.index[name] = need
-                self.stats["writes"] += 1
+                self.counts["writes"] += 1
             else:
                 self.used -= need
 
@@ -259,7 +315,7 @@ class DiskCache:
                     names[name] = crc
             await self._promote(names)
         except Exception as exc:
-            self.stats["write_errors"] += 1
+            self.counts["write_errors"] += 1
             log.warning("disk cache: cannot keep verified blocks (%s)", exc)
 
     async def _promote(self, names: dict[str, int]) -> None:
@@ -276,10 +332,10 @@ class DiskCache:
                 continue  # evicted meanwhile
             if ok:
                 self.index[name[: -len(STAGED)]] = size
-                self.stats["verified_blocks"] += 1
+                self.counts["verified_blocks"] += 1
             else:
                 self.used -= size
-                self.stats["discarded"] += 1
+                self.counts["discarded"] += 1
 
     async def discard(self, keys: list[str]) -> None:
         """Forget these blocks, verified or staged: their file did not match its digest."""
@@ -291,7 +347,7 @@ class DiskCache:
                 if n in self.index:
                     self._forget(n)
                     paths.append(self._path(n))
-        self.stats["discarded"] += len(paths)
+        self.counts["discarded"] += len(paths)
         await trio.to_thread.run_sync(self._unlink_all, paths)
 
     def _evict_over(self, need: int) -> list[Path]:
@@ -305,7 +361,7 @@ class DiskCache:
     def _evict_one(self) -> Path:
         name = next(iter(self.index))
         self._forget(name)
-        self.stats["evictions"] += 1
+        self.counts["evictions"] += 1
         return self._path(name)
 
     def _unlink_all(self, paths: list[Path]) -> None:
@@ -341,22 +397,26 @@ class DiskCache:
         if size is not None:
             self.used -= size
 
-    def summary(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats, under the memory cache's."""
+        return {"cache": {"disk": self._stats()}}
+
+    def _stats(self) -> dict[str, Any]:
         return {
             "dir": str(self.root),
-            "hits": self.stats["hits"],
-            "misses": self.stats["misses"],
+            "hits": self.counts["hits"],
+            "misses": self.counts["misses"],
             "bytes": self.used,
             "capacity": self.capacity,
             "blocks": sum(1 for n in self.index if not n.endswith(STAGED)),
             "staged": sum(1 for n in self.index if n.endswith(STAGED)),
-            "verified_blocks": self.stats["verified_blocks"],
-            "discarded": self.stats["discarded"],
-            "writes": self.stats["writes"],
-            "evictions": self.stats["evictions"],
-            "corrupt_dropped": self.stats["corrupt"],
-            "skipped_full_disk": self.stats["skipped_full_disk"],
-            "write_failed": self.stats["write_failed"],
+            "verified_blocks": self.counts["verified_blocks"],
+            "discarded": self.counts["discarded"],
+            "writes": self.counts["writes"],
+            "evictions": self.counts["evictions"],
+            "corrupt_dropped": self.counts["corrupt"],
+            "skipped_full_disk": self.counts["skipped_full_disk"],
+            "write_failed": self.counts["write_failed"],
         }
 
 

@@ -100,7 +100,8 @@ class TokenRejected(ApiError):
 
 
 class RateLimited(ApiError):
-    """HTTP 429: temporary, to be retried after the server's Retry-After."""
+    """HTTP 429 or a rate-limit envelope: temporary, to be retried after the server's
+    Retry-After, and a sign to send fewer calls at once (throttle.py)."""
 
     def __init__(
         self,
@@ -110,9 +111,10 @@ class RateLimited(ApiError):
         *,
         http_status: int | None = None,
         what: str = "",
+        code: int | str = 429,
     ) -> None:
         self.retry_after = retry_after
-        super().__init__(429, msg, request_id, http_status=http_status, what=what)
+        super().__init__(code, msg, request_id, http_status=http_status, what=what)
 
 
 class ServerError(ApiError):
@@ -124,6 +126,9 @@ DENIED_CODES = {99403}
 INVALID_CODES = {99400}
 SERVER_CODES = {99500}
 TOKEN_CODES = {1203, 4011, 4012}
+# Not in EnOS's documentation: what the emulator's gateway sends with its 429, and so
+# what a gateway sending the envelope with HTTP 200 would say.
+RATE_LIMIT_CODES = {99429}
 
 
 def error_for_code(
@@ -145,6 +150,10 @@ def error_for_code(
         cls = ServerError
     elif icode in TOKEN_CODES:
         cls = TokenRejected
+    elif icode in RATE_LIMIT_CODES:
+        return RateLimited(
+            msg, None, request_id, http_status=http_status, what=what, code=code or 429
+        )
     return cls(code, msg, request_id, http_status=http_status, what=what)
 
 

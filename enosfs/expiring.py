@@ -38,5 +38,12 @@ class Expiring(Generic[K, V]):
         item = self._items.get(key)
         return item[1] if item is not None else None
 
+    def expire_where(self, wanted: Callable[[K], bool]) -> None:
+        """Make the entries whose key is wanted stale now (`enosfs refresh`): the next
+        `fresh` asks again, and `last` still has the answer for when asking fails."""
+        for key, (_, value) in list(self._items.items()):
+            if wanted(key):
+                self._items[key] = (float("-inf"), value)
+
     def __len__(self) -> int:
         return len(self._items)

@@ -22,12 +22,14 @@ import pyfuse3
 import trio
 
 from enosfs.blocks import FAILURE_MEMORY, BlockCache, CachedFile
+from enosfs.changes import Changes
 from enosfs.config import Settings
 from enosfs.errors import AuthError, DeadlineError, EnosfsError, IntegrityError, errno_of
 from enosfs.integrity import Reading
 from enosfs.namespace import ControlFile, Dir, File, Namespace, Node
 from enosfs.quiet import Quieter
 from enosfs.readahead import FolderReadAhead, ReadAhead
+from enosfs.walkahead import WalkAhead
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -49,16 +51,6 @@ XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
 _quiet = Quieter(log)
-
-
-async def invalidate_pages(inode: int) -> None:
-    """Drop the kernel's cached pages of an inode. Runs in a thread, as a task of its
-    own: from inside a request on the same inode it could deadlock."""
-    try:
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENOSYS):
-            log.debug("invalidate inode %d: %s", inode, exc)
 
 
 Handler = Callable[Concatenate["EnosFS", P], Coroutine[Any, Any, R]]
@@ -131,11 +123,19 @@ class EnosFS(pyfuse3.Operations):
     # still checks mode bits, and no file here has an ACL.
     enable_acl = True
 
-    def __init__(self, ns: Namespace, cache: BlockCache, settings: Settings) -> None:
+    def __init__(
+        self,
+        ns: Namespace,
+        cache: BlockCache,
+        settings: Settings,
+        changes: Changes | None = None,
+    ) -> None:
         super().__init__()
         self.ns = ns
         self.cache = cache
         self.settings = settings
+        # Where what this file system learns changed goes (mount.py wires it).
+        self.changes = changes or Changes(cache.nursery)
         # No FUSE call may take longer than this: the network deadline, plus a second.
         self.op_deadline = settings.timeout + 1.0
         # A read may wait longer while its bytes keep coming (a slow link, not a dead
@@ -148,17 +148,37 @@ class EnosFS(pyfuse3.Operations):
         self.dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
         # The version whose pages the kernel may hold, per inode (keep_cache decisions).
         self.kernel_versions: dict[int, object] = {}
-        self.stats: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
         self.readers: Counter[tuple[object, ...]] = Counter()  # open handles per file version
         self.snapshots: dict[int, bytes] = {}  # open control files: what they showed
         self.lookups: Counter[int] = Counter()  # the kernel's references, per inode
         self.errors: Counter[str] = Counter()  # errno names answered, for /.enosfs/stats
         self.folder_patterns: dict[int, FolderReadAhead] = {}
+        # Listings of the next assets, for a walk over an organisation (walkahead.py).
+        # Fewer in flight than connections, so the user's own requests find one free.
+        self.walk_ahead = WalkAhead(
+            ns, cache.nursery, in_flight=max(1, min(16, settings.max_connections // 2))
+        )
         # Per inode of a large file not yet checked: open files that may fill its
         # kernel page cache (one at a time; others bypass it).
         self.page_users: Counter[int] = Counter()
         # Inodes whose kernel pages hold only checked bytes (keep_cache across opens).
         self.clean_pages: set[int] = set()
+
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: what the kernel asked, and what it was answered."""
+        return {
+            "kernel": {
+                "reads": self.counts["reads"],
+                "read_bytes": self.counts["read_bytes"],
+                "open_files": len(self.handles),
+            },
+            "whole_readings": {
+                "checked": self.counts["readings_checked"],
+                "broken": self.counts["readings_broken"],
+            },
+            "errors": dict(sorted(self.errors.items())),
+        }
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -182,9 +202,14 @@ class EnosFS(pyfuse3.Operations):
             a.st_nlink = 1
             size = node.meta.size if node.meta is not None else None
             if size is None:
-                # Unknown for now: tell the kernel not to remember it.
-                a.entry_timeout = a.attr_timeout = 0
+                # Not asked yet (a listing does not size files): the kernel must not
+                # remember this 0, so stat asks getattr, which sizes the file.
+                a.attr_timeout = 0
                 size = 0
+            elif not self.ns.meta_fresh(node):
+                # Past the TTL (say, kept from an earlier mount, as readdirplus hands it
+                # out): not to be remembered; stat asks getattr, which asks EnOS.
+                a.attr_timeout = 0
             a.st_size = size
             a.st_blocks = (size + 511) // 512
             if node.mtime_ms is not None:
@@ -227,13 +252,22 @@ class EnosFS(pyfuse3.Operations):
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            return self._missing()
         node = await self.ns.lookup(parent, text)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._missing()
         attrs = await self._fresh_attrs(node)
         self.lookups[node.inode] += 1
         return attrs
+
+    def _missing(self) -> pyfuse3.EntryAttributes:
+        """ENOENT that the kernel may remember for `negative_ttl` (inode 0 is FUSE's
+        negative entry): shells and IDEs probe the same absent names over and over."""
+        self.errors["ENOENT"] += 1
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.settings.negative_ttl
+        return a
 
     @guarded("getattr")
     async def getattr(
@@ -244,6 +278,7 @@ class EnosFS(pyfuse3.Operations):
     @guarded("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         d = self._dir(inode)
+        self.walk_ahead.visited(d)  # before waiting for this one, so they overlap
         entries = await self.ns.children(d)
         fh = next(self._fh)
         # A snapshot per handle: offsets stay valid however the listing changes.
@@ -383,8 +418,8 @@ class EnosFS(pyfuse3.Operations):
             return snapshot[off : off + size]
         if h.failed:
             raise pyfuse3.FUSEError(errno.EIO)
-        self.stats["reads"] += 1
-        self.stats["read_bytes"] += size
+        self.counts["reads"] += 1
+        self.counts["read_bytes"] += size
         # Blocks a sequential reader is done with can go, their bytes now in the
         # kernel's page cache; with direct_io there is no such copy: keep them.
         # Only a lone reader's blocks: another reader of the file may still need them.
@@ -462,7 +497,7 @@ class EnosFS(pyfuse3.Operations):
         self.kernel_versions.pop(inode, None)
         self.clean_pages.discard(inode)
         if now:
-            self.cache.nursery.start_soon(invalidate_pages, inode)
+            self.changes.drop_pages(inode)
 
     async def release(self, fh: int) -> None:
         self.snapshots.pop(fh, None)
@@ -473,9 +508,9 @@ class EnosFS(pyfuse3.Operations):
                 if self.cache.readings[h.cached.key] <= 0:
                     del self.cache.readings[h.cached.key]
                 if h.reading.broken:
-                    self.stats["readings_broken"] += 1
+                    self.counts["readings_broken"] += 1
                 elif h.reading.ok is not None:
-                    self.stats["readings_checked"] += 1
+                    self.counts["readings_checked"] += 1
             if h.page_user:
                 self.page_users[h.inode] -= 1
                 if self.page_users[h.inode] <= 0:

@@ -28,10 +28,12 @@ import pyfuse3
 import trio
 
 from enosfs import __version__
-from enosfs.api import EnosClient, FileMeta
+from enosfs.api import EnosClient
 from enosfs.auth import TokenSource
-from enosfs.blocks import BlockCache, CachedFile
+from enosfs.blocks import BlockCache
+from enosfs.changes import Changes
 from enosfs.config import Settings
+from enosfs.control import CONTROL_FILE, ControlServer
 from enosfs.diskcache import DiskCache
 from enosfs.errors import (
     ConfigError,
@@ -41,9 +43,10 @@ from enosfs.errors import (
     NotFound,
     TransportError,
 )
-from enosfs.fs import EnosFS, invalidate_pages
+from enosfs.fs import EnosFS
+from enosfs.metastore import MetaStore
 from enosfs.metrics import serve as serve_metrics
-from enosfs.namespace import Dir, File, Namespace
+from enosfs.namespace import Namespace
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.stats import Parts, render_config, render_stats, render_version, snapshot
 from enosfs.transport import LeanTransport
@@ -343,11 +346,16 @@ class Mount:
         p.lean = lean_transport(s)
         warn_plain_http(s)
         async with contextlib.AsyncExitStack() as stack:
+            store: MetaStore | None = None
             if s.cache_dir is not None:
                 disk = DiskCache(Path(s.cache_dir), s.disk_size, s.min_free)
                 await trio.to_thread.run_sync(disk.open)
                 stack.callback(disk.close)
                 p.disk = disk
+                # Listings and sizes for the next mount; None where it cannot be kept.
+                store = await MetaStore.open(Path(s.cache_dir))
+                if store is not None:
+                    stack.push_async_callback(store.close)  # a start that fails, too
             http = await stack.enter_async_context(http_client(s, p.lean))
             p.tokens = TokenSource(
                 http,
@@ -367,6 +375,7 @@ class Mount:
                 integration=s.integration,
                 policy=policy,
                 lean=p.lean,
+                max_api_concurrency=s.max_api_concurrency,
             )
             await check_orgs(p.client, s)
             async with trio.open_nursery() as nursery:
@@ -380,21 +389,28 @@ class Mount:
                     min_speed=s.min_speed,
                     speed_time=s.speed_time,
                 )
-                ns = Namespace(
-                    p.client,
-                    s,
-                    on_version_change=lambda f, old: self._changed(nursery, f, old),
-                    on_entry_change=self._entry_changed,
-                )
+                # Downloads and listings report changes here; it drops what they void.
+                changes = Changes(nursery)
+                ns = Namespace(p.client, s)
+                # Listings and sizing batches outlive a caller that gives up at its deadline.
+                ns.nursery = nursery
+                if store is not None:
+                    ns.catalog.store = store
+                    nursery.start_soon(store.run)
+                changes.attach(p.cache, ns)
+                # `enosfs refresh` reaches the namespace through this (control.py).
+                control = ControlServer(ns, changes)
+                await control.open()
+                stack.callback(control.close)
                 ns.add_control(
                     {
                         "stats": lambda: render_stats(p),
                         "config": lambda: render_config(s),
                         "version": render_version,
+                        CONTROL_FILE: control.advert,
                     }
                 )
-                p.cache.on_changed = ns.expire
-                p.fs = EnosFS(ns, p.cache, s)
+                p.fs = EnosFS(ns, p.cache, s, changes)
                 if self.metrics_addr is not None:
                     token = trio.lowlevel.current_trio_token()
                     serve_metrics(
@@ -406,6 +422,7 @@ class Mount:
                 try:
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._kernel_read_ahead)
+                    nursery.start_soon(control.serve)
                     log.info("%s", self.summary())
                     if ready is not None:
                         ready()
@@ -414,6 +431,12 @@ class Mount:
                     unmount = self._terminated
                 finally:
                     pyfuse3.close(unmount=unmount)
+                    if p.disk is not None:
+                        # Blocks read just before the unmount are kept for the next
+                        # mount; the fetches still running are cancelled below.
+                        await p.disk.drain()
+                    if store is not None:
+                        await store.close()
                     log.info(
                         "unmounted %s; %s", self.mountpoint, json.dumps(snapshot(p), default=str)
                     )
@@ -459,18 +482,6 @@ class Mount:
                 self._terminated = True
                 pyfuse3.terminate()
                 return
-
-    def _entry_changed(self, d: Dir, name: str) -> None:
-        """Have the kernel drop a name whose file changed or went away (in a thread of
-        pyfuse3's: invalidating from inside a request could deadlock)."""
-        with contextlib.suppress(OSError, RuntimeError):
-            pyfuse3.invalidate_entry_async(d.inode, name.encode(), ignore_enoent=True)
-
-    def _changed(self, nursery: trio.Nursery, f: File, old: FileMeta | None) -> None:
-        """A file's content changed on the server: drop what we and the kernel hold."""
-        if self.parts.cache is not None and old is not None and old.size is not None:
-            self.parts.cache.drop(CachedFile.of(f.ref, old))
-        nursery.start_soon(invalidate_pages, f.inode)
 
 
 def run_foreground(

@@ -5,9 +5,14 @@ its names and decides when to ask again.
 
 Folders are listed lazily and kept for `metadata_ttl` seconds; a listing that cannot be
 refreshed is served stale (and said so in the log) rather than failing, so `ls` of what
-was seen keeps working while the backend is away. A file's node keeps its identity (and
-so its inode) while its fileUri stays the same; a new fileUri under the same name is a
-new node, so the kernel never mixes the pages of two files.
+was seen keeps working while the backend is away. A listing leaves its files unsized;
+the first file of a folder whose attributes are asked for has the whole folder sized
+(`ls -l` asks for every entry next). A name found missing is remembered as missing for
+`negative_ttl` seconds: shells and IDEs probe the same absent names again and again.
+
+A file's node keeps its identity (and so its inode) while its fileUri stays the same; a
+new fileUri under the same name is a new node, so the kernel never mixes the pages of
+two files.
 """
 
 from __future__ import annotations
@@ -18,18 +23,27 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
+from typing import TYPE_CHECKING
 
 import trio
 
-from enosfs.api import BadRecord, EnosClient, FileMeta, FileRef
-from enosfs.catalog import Catalog, Entry, KnownMeta
+from enosfs.api import BadRecord, FileMeta, FileRef
+from enosfs.catalog import Catalog, Entry
 from enosfs.config import CATEGORIES, Settings
 from enosfs.errors import EnosfsError, NotFound, TransportError
 from enosfs.naming import safe_name, settle, uri_id
+from enosfs.source import Listings
+
+if TYPE_CHECKING:
+    from enosfs.changes import Changes
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# A file whose sizing failed this recently is left out of the batches its siblings'
+# attributes start, so a folder of failing files does not cost a batch per file; its
+# own getattr still asks at once.
+RETRY_SIZE_AFTER = 5.0
 
 
 class DirKind(enum.Enum):
@@ -74,6 +88,21 @@ class Dir(Node):
     order: list[File] = field(default_factory=list)
     position: dict[int, int] = field(default_factory=dict)
     order_of: dict[str, Node] | None = None
+    # Sizing of its files under way: inode -> the batch that covers it (single flight).
+    sizing: dict[int, Sizing] = field(default_factory=dict)
+    size_failed_at: dict[int, float] = field(default_factory=dict)  # inode -> when
+    # Files sizing found gone or impossible: inode -> (when, why), so that the `ls -l`
+    # that listed them hears why at once instead of asking again.
+    dropped: dict[int, tuple[float, EnosfsError]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Sizing:
+    """One batch of getFileInfo for a folder: callers wanting one of its files wait for
+    it, then read that file's record from the node, or its failure from here."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    failed: dict[int, EnosfsError] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -96,22 +125,33 @@ class ControlFile(Node):
 CONTROL_DIR = ".enosfs"
 
 
+@dataclass
+class Expired:
+    """What `Namespace.refresh` made stale, for the kernel to forget too: the names it
+    holds of files (and of names found missing), and the attributes of those files.
+    Folder names are left alone: a folder keeps its node, and dropping its name would
+    break the working directory of a shell inside it."""
+
+    names: list[tuple[int, str]] = field(default_factory=list)  # (folder inode, name)
+    inodes: list[int] = field(default_factory=list)
+    folders: int = 0
+    files: int = 0
+
+
 class Namespace:
     def __init__(
         self,
-        client: EnosClient,
+        client: Listings,
         settings: Settings,
         *,
-        on_version_change: Callable[[File, FileMeta | None], None] | None = None,
-        on_entry_change: Callable[[Dir, str], None] | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.catalog = Catalog(client, settings, clock=clock)
         self.settings = settings
         self.ttl = settings.metadata_ttl
+        self.negative_ttl = settings.negative_ttl
         self.clock = clock
-        self.on_version_change = on_version_change
-        self.on_entry_change = on_entry_change
+        self.changes: Changes | None = None  # told what a refresh finds changed
         self.mount_time_ns = time.time_ns()
         self._inodes = count(ROOT_INODE + 1)
         self.nodes: dict[int, Node] = {}
@@ -142,7 +182,8 @@ class Namespace:
             next(self._inodes), name, parent, ref, origin=entry.origin, mtime_ms=entry.mtime_ms
         )
         if entry.meta is not None:
-            f.meta, f.meta_at = entry.meta, self.clock()
+            f.meta = entry.meta
+            f.meta_at = self.clock() if entry.meta_at is None else entry.meta_at
         self.nodes[f.inode] = f
         return f
 
@@ -177,8 +218,16 @@ class Namespace:
 
     async def _refresh(self, d: Dir, done: trio.Event) -> None:
         try:
-            d.children = await self._list(d)
-            d.loaded_at = self.clock()
+            kept = await self._kept(d) if d.children is None else None
+            if kept is None:
+                d.children = await self._list(d)
+                d.loaded_at = self.clock()
+            else:
+                # From an earlier mount: fresh until it would have expired; past that,
+                # served at once all the same, and asked again behind it.
+                d.children, d.loaded_at = kept
+                if not self.fresh(d):
+                    self._revalidate(d)
             d.refresh_error = None
         except Exception as exc:
             if not isinstance(exc, EnosfsError):
@@ -193,6 +242,31 @@ class Namespace:
             d.refreshing = None
             done.set()
 
+    async def _kept(self, d: Dir) -> tuple[dict[str, Node], float] | None:
+        """The folder as the metadata store kept it (its first listing only), placed,
+        and when it was listed; None where nothing was kept."""
+        if d.kind is DirKind.ORG:
+            assets = await self.catalog.kept_assets(d.org)
+            return None if assets is None else (self._place_assets(d, assets[0], {}), assets[1])
+        if d.kind is DirKind.CATEGORY:
+            kept = await self.catalog.kept_entries(d.org, d.asset, d.category)
+            return None if kept is None else (self._place(d, kept[0], {}), kept[1])
+        return None
+
+    def _revalidate(self, d: Dir) -> None:
+        """Ask again for a stale listing kept from an earlier mount while it is served:
+        in the background where there is a nursery, else at the next call."""
+        if self.nursery is None:
+            return  # loaded_at is past the TTL: the next call lists again
+        d.loaded_at = self.clock()
+
+        async def again() -> None:
+            if d.refreshing is None:
+                done = d.refreshing = trio.Event()
+                await self._refresh(d, done)
+
+        self.nursery.start_soon(again)
+
     async def lookup(self, d: Dir, name: str) -> Node | None:
         entries = await self.children(d)
         node = entries.get(name) or d.hidden.get(name)
@@ -205,13 +279,13 @@ class Namespace:
         if d.kind not in (DirKind.ORG, DirKind.CATEGORY):
             return None
         seen_missing = d.missing.get(name)
-        if seen_missing is not None and self.clock() - seen_missing < self.ttl:
+        if seen_missing is not None and self.clock() - seen_missing < self.negative_ttl:
             return None
         node = await self._lookup_unlisted(d, name)
         if node is None:
             if len(d.missing) > 1000:
                 now = self.clock()
-                d.missing = {k: t for k, t in d.missing.items() if now - t < self.ttl}
+                d.missing = {k: t for k, t in d.missing.items() if now - t < self.negative_ttl}
             d.missing[name] = self.clock()
         else:
             d.hidden[name] = node
@@ -246,24 +320,8 @@ class Namespace:
                 or self._new_dir(c, d, DirKind.CATEGORY, org=d.org, asset=d.asset, category=c)
                 for c in CATEGORIES
             }
-        entries = await self.catalog.entries(
-            d.org, d.asset, d.category, known=self._known_meta(d), where=d.path
-        )
+        entries = await self.catalog.entries(d.org, d.asset, d.category)
         return self._place(d, entries, old)
-
-    def _known_meta(self, d: Dir) -> KnownMeta:
-        """The records the folder's files hold that are still fresh, by fileUri: a
-        refresh need not ask getFileInfo again for those. Freshness is judged when the
-        catalog asks, not now, as the listing before it may take a while."""
-        by_uri = {c.ref.uri: c for c in (d.children or {}).values() if isinstance(c, File)}
-
-        def known(uri: str) -> FileMeta | None:
-            f = by_uri.get(uri)
-            if f is not None and f.meta is not None and self.clock() - f.meta_at < self.ttl:
-                return f.meta
-            return None
-
-        return known
 
     def _asset_dir(self, org_dir: Dir, asset_id: str, name: str | None = None) -> Dir:
         return self._new_dir(
@@ -317,23 +375,116 @@ class Namespace:
 
     def _entry_changed(self, d: Dir, name: str) -> None:
         """A name now means another file, or nothing: the kernel must forget it."""
-        if self.on_entry_change is not None:
-            self.on_entry_change(d, name)
+        if self.changes is not None:
+            self.changes.name_changed(d, name)
 
     # -- file metadata -------------------------------------------------------------------
 
     def _set_meta(self, f: File, meta: FileMeta) -> None:
         old = f.meta
         f.meta, f.meta_at = meta, self.clock()
+        if f.mtime_ms is None:
+            f.mtime_ms = meta.create_time_ms
         if old is not None and old.version != meta.version:
             log.info("%s changed on the server (size %s -> %s)", f.path, old.size, meta.size)
-            if self.on_version_change is not None:
-                self.on_version_change(f, old)
+            if self.changes is not None:
+                self.changes.version_changed(f, old)
+
+    def meta_fresh(self, f: File) -> bool:
+        return f.meta is not None and self.clock() - f.meta_at < self.ttl
 
     async def file_meta(self, f: File) -> FileMeta:
-        """The file's metadata, fetched again when older than the TTL."""
-        if f.meta is not None and self.clock() - f.meta_at < self.ttl:
+        """The file's metadata, fetched again when older than the TTL: with those of
+        every other file of its folder that needs it, as one concurrent batch, since
+        `ls -l` and `stat *` ask for them next. A caller whose file is in a batch
+        under way waits for that batch instead of asking again."""
+        if self.meta_fresh(f):
+            assert f.meta is not None
             return f.meta
+        d = f.parent
+        if d is None or d.children is None or d.children.get(f.name) is not f:
+            dropped = d.dropped.get(f.inode) if d is not None else None
+            if dropped is not None and self.clock() - dropped[0] < self.negative_ttl:
+                raise dropped[1].with_traceback(None)
+            return await self._file_meta_alone(f)  # named by its id: not in a listing
+        batch = d.sizing.get(f.inode) or await self._size_folder(d, f)
+        await batch.done.wait()
+        err = batch.failed.get(f.inode)
+        if err is None:
+            if self.meta_fresh(f):
+                assert f.meta is not None
+                return f.meta
+            return await self._file_meta_alone(f)  # the batch was cut short
+        if f.meta is not None and not isinstance(err, (NotFound, BadRecord)):
+            return f.meta  # stale but known; the read path checks sizes again
+        raise err.with_traceback(None)
+
+    async def _size_folder(self, d: Dir, f: File) -> Sizing:
+        """Start sizing f and the folder's other files that need it (not those a batch
+        covers already, nor those that failed a moment ago). Runs in the mount's
+        nursery where there is one, so a caller that gives up at its deadline leaves
+        it to finish for the others."""
+        assert d.children is not None
+        now = self.clock()
+        files = [f] + [
+            n
+            for n in d.children.values()
+            if isinstance(n, File)
+            and n is not f
+            and n.inode not in d.sizing
+            and not self.meta_fresh(n)
+            and now - d.size_failed_at.get(n.inode, float("-inf")) >= RETRY_SIZE_AFTER
+        ]
+        batch = Sizing()
+        for n in files:
+            d.sizing[n.inode] = batch
+        if self.nursery is not None:
+            self.nursery.start_soon(self._size, d, files, batch)
+        else:
+            await self._size(d, files, batch)
+        return batch
+
+    async def _size(self, d: Dir, files: list[File], batch: Sizing) -> None:
+        try:
+            found = await self.catalog.sizes([n.ref for n in files], where=d.path)
+            now = self.clock()
+            gone: list[File] = []
+            for n in files:
+                outcome = found.get(n.ref.uri)
+                if isinstance(outcome, FileMeta):
+                    self._set_meta(n, outcome)
+                    d.size_failed_at.pop(n.inode, None)
+                elif outcome is not None:
+                    batch.failed[n.inode] = outcome
+                    d.size_failed_at[n.inode] = now
+                    if isinstance(outcome, (NotFound, BadRecord)):
+                        gone.append(n)
+            self._drop(d, gone, batch)
+        finally:
+            for n in files:
+                if d.sizing.get(n.inode) is batch:
+                    del d.sizing[n.inode]
+            batch.done.set()
+
+    def _drop(self, d: Dir, gone: list[File], batch: Sizing) -> None:
+        """Files the server says are not there (or cannot be shown) leave the listing
+        they were in, until a refresh shows them again; the kernel forgets them, and
+        their names are missing for `negative_ttl` (as if looked up)."""
+        names = {n.name for n in gone if d.children is not None and d.children.get(n.name) is n}
+        if not names or d.children is None:
+            return
+        d.children = {k: v for k, v in d.children.items() if k not in names}
+        now = self.clock()
+        if len(d.dropped) > 1000:
+            d.dropped = {i: e for i, e in d.dropped.items() if now - e[0] < self.negative_ttl}
+        for n in gone:
+            d.size_failed_at.pop(n.inode, None)
+            d.dropped[n.inode] = (now, batch.failed[n.inode])
+        for name in sorted(names):
+            d.missing[name] = now
+            self._entry_changed(d, name)
+
+    async def _file_meta_alone(self, f: File) -> FileMeta:
         try:
             meta = await self.catalog.file_meta(f.ref)
         except (NotFound, BadRecord):
@@ -380,6 +531,57 @@ class Namespace:
         for f in self.all_files():
             if f.ref.uri == uri:
                 f.meta_at = float("-inf")
+
+    def known(self, path: str) -> Node | None:
+        """The node `path` (from the root, '/'-separated) names among the nodes held
+        now, or None. Asks no listing: a refresh must not begin by asking EnOS."""
+        node: Node | None = self.root
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if not isinstance(node, Dir):
+                return None
+            node = (node.children or {}).get(part) or node.hidden.get(part)
+            if node is None:
+                return None
+        return node
+
+    def refresh(self, node: Node) -> Expired:
+        """Make everything held of node and below it stale (`enosfs refresh`): folder
+        listings, file records, names found missing, and the catalog's devices, thing
+        models and firmware lists behind them. The next access asks EnOS again; until
+        an answer comes, the last one is still served where asking fails, as after the
+        TTL. A file's own folder is listed again too: its name may mean another file."""
+        out = Expired()
+        if isinstance(node, File) and node.parent is not None:
+            node.parent.loaded_at = float("-inf")
+        stack: list[Node] = [node]
+        seen: set[int] = set()
+        while stack:
+            n = stack.pop()
+            if n.inode in seen:
+                continue  # a file both listed and named by its id
+            seen.add(n.inode)
+            if isinstance(n, File):
+                n.meta_at = float("-inf")
+                out.files += 1
+                out.inodes.append(n.inode)
+                if n.parent is not None:
+                    out.names.append((n.parent.inode, n.name))
+            elif isinstance(n, Dir) and n.kind is not DirKind.CONTROL:
+                out.folders += 1
+                n.loaded_at = float("-inf")
+                out.names.extend((n.inode, name) for name in n.missing)
+                n.missing.clear()
+                n.dropped.clear()  # files sizing found gone are asked about again
+                n.size_failed_at.clear()
+                stack.extend((n.children or {}).values())
+                stack.extend(n.hidden.values())
+                if n.kind is DirKind.ORG:
+                    self.catalog.forget(n.org)
+                elif n.kind is DirKind.ASSET:
+                    self.catalog.forget(n.org, n.asset)
+        return out
 
     def siblings(self, f: File) -> tuple[int, list[File]]:
         """f's position among the files of its folder, in listing order."""

@@ -3,6 +3,11 @@
 One policy for every call: a call has a deadline that covers all its attempts, and only
 failures that another attempt can cure (connect errors, resets, 5xx, 429) are retried,
 with jittered exponential backoff so that many mounts do not retry in lockstep.
+
+A rate-limited answer (429) is not a failure but the gateway asking us to wait: it is
+waited for (Retry-After, within the deadline) without spending the retries, so that a
+listing held up by a 429 storm gets its answer late rather than EIO. Only where
+retrying is off altogether (max_attempts 1) does a 429 end the call.
 """
 
 from __future__ import annotations
@@ -84,7 +89,9 @@ async def retrying(
     """Run attempt() until it succeeds, fails for good, or the deadline passes."""
     deadline = trio.current_time() + policy.timeout
     last: BaseException | None = None
-    for n in range(policy.max_attempts):
+    failures = 0
+    n = 0
+    while True:
         try:
             with trio.fail_at(deadline):
                 return await attempt()
@@ -92,10 +99,14 @@ async def retrying(
             detail = f" (last error: {as_enosfs_error(last, what)})" if last else ""
             raise DeadlineError(f"{what}: no answer within {policy.timeout:g}s{detail}") from None
         except (httpx.HTTPError, EnosfsError) as exc:
-            if not is_transient(exc) or n + 1 >= policy.max_attempts:
+            if not (isinstance(exc, RateLimited) and policy.max_attempts > 1):
+                failures += 1
+            if not is_transient(exc) or failures >= policy.max_attempts:
                 raise as_enosfs_error(exc, what) from None
             last = exc
-            delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**n))
+            backoff = policy.base_delay * 2 ** min(n, 30)
+            n += 1
+            delay = random.uniform(0, min(policy.max_delay, backoff))
             if isinstance(exc, RateLimited) and exc.retry_after is not None:
                 delay = max(delay, exc.retry_after)
             if trio.current_time() + delay >= deadline:
@@ -104,4 +115,3 @@ async def retrying(
             if on_retry is not None:
                 on_retry(exc)
             await trio.sleep(delay)
-    raise as_enosfs_error(last or TransportError("gave up"), what)

@@ -88,6 +88,9 @@ class Setting:
         have no configuration file for it to be relative to."""
         if self.kind in (Kind.FOLDER, Kind.FILE):
             return value
+        if self.kind is Kind.INT and value.strip().isdigit():
+            # An option is always text; the file's TOML gives a number its own type.
+            return self.parse(int(value), f"-o {self.option}")
         return self.parse(value, f"-o {self.option}")
 
     @property
@@ -130,6 +133,14 @@ SCHEMA: tuple[Setting, ...] = (
         option="metadata_ttl",
     ),
     Setting(
+        "cache.negative_ttl",
+        "negative_ttl",
+        Kind.SECONDS,
+        "5s",
+        "how long a name found missing stays missing, here and in the kernel",
+        option="negative_ttl",
+    ),
+    Setting(
         "cache.read_ahead",
         "read_ahead",
         Kind.SIZE,
@@ -142,7 +153,7 @@ SCHEMA: tuple[Setting, ...] = (
         "cache_dir",
         Kind.FOLDER,
         None,
-        "keep blocks on disk here too, across remounts",
+        "keep blocks and metadata on disk here too, across remounts",
         option="cache_dir",
     ),
     Setting(
@@ -229,6 +240,15 @@ SCHEMA: tuple[Setting, ...] = (
         Kind.INT,
         32,
         "HTTP connections open at once",
+        bounds=(1, 1024),
+    ),
+    Setting(
+        "network.max_api_concurrency",
+        "max_api_concurrency",
+        Kind.INT,
+        32,
+        "most API calls (not file bodies) in flight at once; fewer while the gateway says 429",
+        option="max_api_concurrency",
         bounds=(1, 1024),
     ),
     Setting(

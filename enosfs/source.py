@@ -1,18 +1,19 @@
-"""What the block cache needs of a file store, and nothing more.
+"""What the block cache and the catalog need of EnOS, and nothing more.
 
-The cache is written against these two protocols rather than against EnosClient, so it
-can be driven by anything that serves file bytes: the real client over HTTP, or an
-in-process fake whose faults a test scripts (tests/fake_source.py). Keeping the
-interface this narrow is also what keeps the cache free of HTTP: every failure crosses
-it as an enosfs error (errors.py), never as an httpx one.
+The cache (`Source`, `Download`) and the catalog (`Listings`) are written against these
+protocols rather than against EnosClient, so they can be driven by the real client over
+HTTP or by an in-process fake whose faults a test scripts (tests/fake_source.py,
+tests/fake_listings.py). Keeping the interfaces this narrow is also what keeps those
+layers free of HTTP: every failure crosses them as an enosfs error (errors.py), never
+as an httpx one.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
-from enosfs.api import FileMeta, FileRef
+from enosfs.api import Device, FileFeatures, FileMeta, FileRef, Firmware
 from enosfs.retry import RetryPolicy
 
 
@@ -69,3 +70,34 @@ class Source(Protocol):
         retry it again.
         """
         ...
+
+
+class Listings(Protocol):
+    """What the catalog asks of EnOS to find an organisation's files.
+
+    There is no "list files" API, so this is the walk's every step: devices, their thing
+    model's FILE features, the latest values of those features, the product's firmware,
+    and one file's record. A call fails with an enosfs error once the implementation's
+    own retries are spent: Denied where the app may not use that API, NotFound where the
+    thing is not there, BadRecord (file_meta) where one file's record is unusable.
+    """
+
+    async def search_devices(self, org: str) -> list[Device]:
+        """Every device of the organisation (all pages)."""
+        ...
+
+    async def get_device(self, org: str, asset_id: str) -> Device: ...
+
+    async def get_file_features(self, org: str, model_id: str) -> FileFeatures:
+        """The identifiers of the thing model's FILE-typed features."""
+        ...
+
+    async def query_latest(self, org: str, asset_id: str, ids: list[str]) -> dict[str, Any]:
+        """{measurement point id: latest value}; a point with no value may be absent."""
+        ...
+
+    async def search_firmwares(self, org: str, product_key: str) -> list[Firmware]:
+        """The product's firmware (all pages)."""
+        ...
+
+    async def file_meta(self, ref: FileRef) -> FileMeta: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from enosfs import __version__
 
@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from enosfs.diskcache import DiskCache
     from enosfs.fs import EnosFS
     from enosfs.transport import LeanTransport
+
+
+class Reports(Protocol):
+    """A component with a part of the document to tell."""
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -37,65 +43,30 @@ class Parts:
 
 
 def snapshot(p: Parts) -> dict[str, Any]:
+    """The document: the mount's own lines, then each component's part, merged."""
     doc: dict[str, Any] = {
         "version": __version__,
         "mountpoint": p.mountpoint,
         "uptime_s": round(time.time() - p.started, 3),
         "time": time.time(),
     }
-    if p.client is not None:
-        doc["requests"] = dict(sorted(p.client.requests.items()))
-        doc["retries"] = p.client.retries
-    cache = p.cache
-    if cache is not None:
-        s = cache.stats
-        doc["bytes_downloaded"] = s["bytes"]
-        doc["cache"] = {
-            "memory": {
-                "hits": s["hits"],
-                "misses": s["waits"],
-                "bytes": cache.lru.currsize,
-                "capacity": cache.lru.maxsize,
-                "blocks": len(cache.lru),
-            },
-            "verified_files": s["verified_files"],
-            "integrity_failures": s["integrity_failures"],
-            "bad_blocks": s["bad_blocks"],
-            "files_changed": s["changed"],
-            "resumes": s["resumes"],
-            "read_ahead_clipped": s["readahead_clipped"],
-            "split_fetches": s["split_fetches"],
-            "failed_fast": s["failed_fast"],
-            "reader_timeouts": s["reader_timeouts"],
-            "slow_bodies": s["slow_bodies"],
-            "reused_buffers": s["reused_buffers"],
-        }
-        doc["in_flight"] = {"blocks": len(cache.flights), "bytes": cache.inflight}
-    if p.disk is not None:
-        doc.setdefault("cache", {})["disk"] = p.disk.summary()
-    if p.lean is not None:
-        doc.setdefault("in_flight", {})["connections"] = p.lean.in_use
-        doc["connections_opened"] = p.lean.connects
+    parts: tuple[Reports | None, ...] = (p.client, p.cache, p.disk, p.lean, p.fs, p.tokens)
+    for part in parts:
+        if part is not None:
+            _merge(doc, part.stats())
     if p.fs is not None:
-        doc["kernel"] = {
-            "reads": p.fs.stats["reads"],
-            "read_bytes": p.fs.stats["read_bytes"],
-            "open_files": len(p.fs.handles),
-            "read_ahead_kb": p.read_ahead_kb,
-        }
-        doc["whole_readings"] = {
-            "checked": p.fs.stats["readings_checked"],
-            "broken": p.fs.stats["readings_broken"],
-        }
-        doc["errors"] = dict(sorted(p.fs.errors.items()))
-    if p.tokens is not None:
-        left = p.tokens.expires_in
-        doc["token"] = {
-            "expires_in_s": None if left is None else round(left, 1),
-            "expires_at": None if left is None else round(time.time() + left, 1),
-            "renewals": p.tokens.refreshes,
-        }
+        doc["kernel"]["read_ahead_kb"] = p.read_ahead_kb
     return doc
+
+
+def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Put a component's part in the document; sections two components share (cache,
+    in_flight) get the keys of both."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def render_stats(p: Parts) -> bytes:

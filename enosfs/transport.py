@@ -23,6 +23,7 @@ import contextlib
 import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import trio
@@ -215,6 +216,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
     @property
     def in_use(self) -> int:
         return self.max_connections - self.slots.value
+
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: connections busy now, and opened in all."""
+        return {"in_flight": {"connections": self.in_use}, "connections_opened": self.connects}
 
     def release(self, conn: _Connection) -> None:
         idle = self.idle[conn.origin]

@@ -140,7 +140,9 @@ class PlainClient:
     def __init__(self, server: Server) -> None:
         parts = urlsplit(server.url)
         self.server = server
-        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.conn = http.client.HTTPConnection(
+            parts.hostname or "127.0.0.1", parts.port, timeout=60
+        )
 
     def get(self, rel: str, start: int | None = None, size: int | None = None) -> bytes:
         headers = {"apim-accesstoken": self.server.token}
@@ -530,10 +532,43 @@ def main() -> int:
     )
     p.add_argument("--write-seed", metavar="DIR", help="write the bench seed and exit")
     p.add_argument("--data-dir", default=str(Path.home() / ".cache/enosfs/bench-data"))
-    p.add_argument("--json", default="bench-results.json")
-    p.add_argument("--only", default="a,c,d,e,f,g", help="workloads to run, e.g. a,c")
+    p.add_argument(
+        "--json", help="where results go (bench-results.json, scale: bench-scale-results.json)"
+    )
+    p.add_argument(
+        "--only",
+        help="workloads to run, e.g. a,c (default a,c,d,e,f,g); scale: s1..s6 (default all)",
+    )
     p.add_argument("--config-extra", default="", help="TOML added to every mount's config")
+    p.add_argument(
+        "--profile",
+        choices=("default", "scale"),
+        default="default",
+        help="scale: browsing a generated organisation 40 ms away (scripts/bench_scale.py)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=5000,
+        help="scale: devices of the organisation (4 files each)",
+    )
+    p.add_argument(
+        "--walk-timeout", type=float, default=600, help="scale: deadline of one walk, in seconds"
+    )
     args = p.parse_args()
+    if args.profile == "scale":
+        import bench_scale  # scripts/ is this script's folder, first on sys.path
+
+        return bench_scale.run(
+            url=args.url,
+            devices=args.devices,
+            only=args.only,
+            json_path=args.json or "bench-scale-results.json",
+            timeout=args.walk_timeout,
+            config_extra=args.config_extra.replace("\\n", "\n"),
+        )
+    args.json = args.json or "bench-results.json"
+    args.only = args.only or "a,c,d,e,f,g"
     global EXTRA_CONFIG
     EXTRA_CONFIG = args.config_extra.replace("\\n", "\n")
     if args.write_seed:

@@ -11,15 +11,17 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from enosfs.config import SECRET_ENV, Secret, Settings, settings_from_dict
+from enosfs.emulator.content import GeneratedContent
 from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
 from enosfs.emulator.process import (
     MountFailed,
@@ -58,6 +60,20 @@ class Emulator:
     def faults(self, *faults: dict[str, Any], seed: int = 1) -> None:
         self.admin("POST", "faults", {"faults": list(faults), "seed": seed})
 
+    def network(self, **changes: Any) -> dict[str, Any]:
+        """Change the network profile or rate limit at run time, e.g.
+        network(network="rtt=40ms", rate_limit="50/s"); no arguments: show them."""
+        if not changes:
+            return dict(self.admin("GET", "network"))
+        return dict(self.admin("POST", "network", changes))
+
+    def replace_feature(self, asset: str, feature: str, **how: Any) -> None:
+        """New content for a device's measurement-point file: `bytes`+`seed` (with
+        `keep_uri` True, the same fileUri gets new bytes and a new ETag), or `text`+`name`
+        (a new fileUri)."""
+        body = {"orgId": self.org, "assetId": asset, "feature": feature, "kind": "measurepoints"}
+        self.admin("POST", "replace", {**body, **how})
+
     def fired(self) -> dict[str, int]:
         return dict(self.admin("GET", "faults")["fired"])
 
@@ -65,11 +81,17 @@ class Emulator:
         return dict(json.loads((self.data_dir / "state.json").read_text()))
 
     def blob(self, uri: str) -> bytes:
-        """The bytes the emulator holds for a fileUri: the reference for every read."""
+        """The bytes the emulator holds for a fileUri: the reference for every read.
+        A generated seed's files are not on disk: they are made as the emulator makes them."""
         import hashlib
 
         name = hashlib.sha256(uri.encode()).hexdigest()[:32]
-        return (self.data_dir / "blobs" / name).read_bytes()
+        path = self.data_dir / "blobs" / name
+        if not path.exists():
+            record = self.blobs().get(uri) or {}
+            if record.get("gen"):
+                return GeneratedContent(record["gen"], record["size"]).all_bytes()
+        return path.read_bytes()
 
     def blobs(self) -> dict[str, dict[str, Any]]:
         return {b["uri"]: b for b in self.state()["blobs"]}
@@ -205,6 +227,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """condition()'s first truthy value, asked every 50 ms; the test fails if none comes
+    within timeout seconds. For state another process reaches in its own time (a write
+    in the background, a process ending): a fixed sleep is too short on a busy machine
+    and too long on an idle one."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {timeout:g}s")
+        time.sleep(0.05)
+    return value
 
 
 def stats_of(mountpoint: Path) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import trio
 from trio.testing import MockClock
 
 from enosfs.api import FileRef
-from enosfs.blocks import FAILURE_MEMORY, MAX_RESUMES, BlockCache, CachedFile
+from enosfs.blocks import FAILURE_MEMORY, LIVE, MAX_RESUMES, BlockCache, CachedFile
+from enosfs.changes import Changes
 from enosfs.errors import (
     DeadlineError,
     FileChanged,
@@ -103,7 +104,7 @@ async def test_single_flight_under_16_concurrent_readers(fake: FakeSource, big_d
         # Every byte of the touched blocks came over the wire exactly once.
         assert downloaded(fake) <= span
         # At most two requests a block (a read deep in a block fetches its tail first).
-        assert cache.stats["fetches"] <= 2 * 8
+        assert cache.counts["fetches"] <= 2 * 8
 
 
 async def test_sequential_reader_gets_growing_readahead(fake: FakeSource, big_data: bytes) -> None:
@@ -123,7 +124,7 @@ async def test_sequential_reader_gets_growing_readahead(fake: FakeSource, big_da
         # Large ranged requests, not one per block, and little fetched beyond the reader.
         assert stats["files.download"] <= 48 // 4
         assert total <= stats["files.download.bytes"] <= total + 17 * MiB
-        assert cache.stats["hits"] > 0
+        assert cache.counts["hits"] > 0
 
 
 async def test_random_reader_fetches_only_what_it_reads(fake: FakeSource, big_data: bytes) -> None:
@@ -142,7 +143,7 @@ async def test_random_reader_fetches_only_what_it_reads(fake: FakeSource, big_da
         assert downloaded(fake) <= len(blocks) * cache.block_size
         # A read deep in a block fetches the block's tail first, then its head.
         assert fake.stats()["files.download"] <= 2 * len(blocks)
-        assert cache.stats["split_fetches"] > 0
+        assert cache.counts["split_fetches"] > 0
 
 
 async def test_memory_budget_holds(fake: FakeSource, big_data: bytes) -> None:
@@ -221,7 +222,7 @@ async def test_memory_budget_holds_with_50_sequential_readers(
             for i in range(50):
                 nursery.start_soon(reader, i)
         assert len(results) == 50 * 12 and all(results)
-        assert cache.stats["readahead_clipped"] > 0
+        assert cache.counts["readahead_clipped"] > 0
         # Demand reads are never held back: 50 readers may each wait on one block.
         assert peak <= budget + 50 * cache.block_size
         assert cache.lru.currsize <= budget
@@ -260,7 +261,7 @@ async def test_a_body_cut_short_resumes_from_the_byte_it_reached(
         f = await cached(fake, fake.add(want, md5=False))
         fake.faults.append(Fault(kind, after=300_000, times=1))
         assert await cache.read(f, 0, 4 * MiB) == want[: 4 * MiB]
-        assert cache.stats["resumes"] == 1
+        assert cache.counts["resumes"] == 1
         assert fake.stats()["files.download"] == 2
         assert downloaded(fake) == 4 * MiB
         assert fake.open_bodies == 0
@@ -289,9 +290,9 @@ async def test_a_stalled_body_is_dropped_at_the_read_timeout_and_resumed(
         f = await cached(fake, fake.add(want))
         fake.faults.append(Fault("stall", after=300_000, seconds=600, times=1))
         assert await cache.read(f, 0, 1 * MiB) == want[: 1 * MiB]
-        assert cache.stats["resumes"] == 1
+        assert cache.counts["resumes"] == 1
         # Within the reader's own deadline: the read timeout ends the stall first.
-        assert cache.stats["reader_timeouts"] == 0
+        assert cache.counts["reader_timeouts"] == 0
 
 
 async def test_a_body_below_the_minimum_speed_is_resumed(autojump_clock: MockClock) -> None:
@@ -303,7 +304,23 @@ async def test_a_body_below_the_minimum_speed_is_resumed(autojump_clock: MockClo
         f = await cached(fake, fake.add(want))
         fake.faults.append(Fault("trickle", rate=1000, times=1))
         assert await cache.read(f, 0, 1 * MiB) == want[: 1 * MiB]
-        assert cache.stats["slow_bodies"] == 1 and cache.stats["resumes"] == 1
+        assert cache.counts["slow_bodies"] == 1 and cache.counts["resumes"] == 1
+
+
+async def test_a_trickle_that_starts_late_does_not_extend_the_readers_wait(
+    autojump_clock: MockClock,
+) -> None:
+    """Bytes that come, but too slowly, count as not coming from their first second:
+    the reader fails at its own deadline, not a second after it."""
+    fake = FakeSource(timeout=5)
+    want = some_bytes(3 * MiB)
+    async with cache_on(fake, block_size=1 * MiB, whole_file_limit=0, min_speed=8192) as cache:
+        f = await cached(fake, fake.add(want))
+        fake.faults += [Fault("latency", seconds=4.9, times=1), Fault("trickle", rate=1000)]
+        started = trio.current_time()
+        with pytest.raises(DeadlineError):
+            await cache.read(f, 0, 4096)
+        assert trio.current_time() - started < cache.wait_limit + LIVE / 2
 
 
 async def test_a_slow_answer_within_the_deadline_is_waited_for(autojump_clock: MockClock) -> None:
@@ -329,7 +346,7 @@ async def test_an_answer_past_the_deadline_fails_the_read_then_recovers(
         # The kernel's retry of the same read fails at once, not after a deadline more.
         with pytest.raises(DeadlineError):
             await cache.read(f, 0, 4096)
-        assert cache.stats["failed_fast"] == 1
+        assert cache.counts["failed_fast"] == 1
         await trio.sleep(FAILURE_MEMORY)
         assert await cache.read(f, 0, 4096) == want[:4096]
 
@@ -360,14 +377,19 @@ async def test_a_file_changed_between_two_requests_is_estale_never_mixed(
     ref = fake.add(old)
     async with cache_on(fake, block_size=1 * MiB, whole_file_limit=0) as cache:
         changed: list[str] = []
-        cache.on_changed = changed.append
+
+        class Told(Changes):
+            def content_changed(self, uri: str) -> None:
+                changed.append(uri)
+
+        cache.changes = Told(cache.nursery)
         f = await cached(fake, ref)
         assert await cache.read(f, 0, 4096) == old[:4096]
         fake.replace(ref, new)  # same size, new ETag
         with pytest.raises(FileChanged) as err:
             await cache.read(f, 2 * MiB, 4096)
         assert errno_of(err.value) == errno.ESTALE
-        assert changed == [ref.uri] and cache.stats["changed"] == 1
+        assert changed == [ref.uri] and cache.counts["changed"] == 1
         # What this version's readers had stays theirs; a new open reads the new bytes.
         assert await cache.read(f, 0, 4096) == old[:4096]
         g = await cached(fake, ref)
@@ -394,7 +416,7 @@ async def test_a_body_the_server_breaks_off_is_resumed_through_the_real_client(
             emu.faults({"kind": "reset", "after": 300_000, "times": 1, "match": "files.download"})
             assert await cache.read(f, 0, 4 * MiB) == emu.blob(uri)[: 4 * MiB]
         assert emu.stats()["files.download"] == 2
-        assert cache.stats["resumes"] == 1
+        assert cache.counts["resumes"] == 1
         # Resumed where it broke: every byte the cache took was a new one.
-        assert cache.stats["bytes"] == 4 * MiB
+        assert cache.counts["bytes"] == 4 * MiB
         assert any("interrupted" in r.getMessage() for r in caplog.records)

@@ -56,8 +56,8 @@ async def test_concurrent_writes_never_eat_into_min_free(small_disk: Path) -> No
     finally:
         cache.close()
     lowest = min(lowest, free_bytes(small_disk))
-    assert cache.stats["write_failed"] == 0, cache.stats
-    assert cache.stats["writes"] >= 5
+    assert cache.counts["write_failed"] == 0, cache.counts
+    assert cache.counts["writes"] >= 5
     assert lowest >= floor, f"free space fell to {lowest} below the floor {floor:.0f}"
     # What is indexed is on disk and intact.
     for i in range(60):
@@ -86,6 +86,6 @@ async def test_many_damaged_blocks_give_one_warning(
                 assert await cache.get(f"block {i}", 4096) is None
     finally:
         cache.close()
-    assert cache.stats["corrupt"] == 50
+    assert cache.counts["corrupt"] == 50
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -14,9 +14,10 @@ import pytest
 import trio
 
 from enosfs.blocks import BlockCache
+from enosfs.changes import Changes
 from enosfs.fs import EnosFS
 from enosfs.namespace import ROOT_INODE, Namespace
-from tests.support import Emulator, demo_files
+from tests.support import Emulator, demo_files, emulator
 from tests.test_client import client_for
 
 
@@ -48,6 +49,13 @@ async def listing(ops: EnosFS, inode: int) -> list[str]:
 
 def fuse_errno(exc: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
     return exc.value.errno
+
+
+async def assert_missing(ops: EnosFS, parent: int, name: bytes) -> None:
+    """ENOENT as a negative entry (inode 0) the kernel may keep for negative_ttl."""
+    attrs = await ops.lookup(parent, name)
+    assert attrs.st_ino == 0, name
+    assert attrs.entry_timeout == ops.settings.negative_ttl
 
 
 async def test_tree_sizes_and_bytes(emu: Emulator) -> None:
@@ -83,9 +91,8 @@ async def test_missing_names_and_write_calls(emu: Emulator) -> None:
     async with ops_for(emu) as ops:
         feature = await walk(ops, f"{emu.org}/WTG-001/feature")
         for name in (b"nope.txt", b"...", b"\xff\xfe", b"0000000000000000.txt"):
-            with pytest.raises(pyfuse3.FUSEError) as info:
-                await ops.lookup(feature.st_ino, name)
-            assert fuse_errno(info) == errno.ENOENT
+            await assert_missing(ops, feature.st_ino, name)
+        assert ops.errors["ENOENT"] == 4
         attrs = await walk(ops, f"{emu.org}/WTG-001/feature/model_file.json")
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
             with pytest.raises(pyfuse3.FUSEError) as info:
@@ -131,9 +138,7 @@ async def test_unlisted_asset_is_reachable_by_id(emu: Emulator) -> None:
         assert await listing(ops, org.st_ino) == []
         attrs = await walk(ops, f"{emu.org}/INV-101/feature/datasheet.json")
         assert attrs.st_size > 0
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await ops.lookup(org.st_ino, b"NO-SUCH-ASSET")
-        assert fuse_errno(info) == errno.ENOENT
+        await assert_missing(ops, org.st_ino, b"NO-SUCH-ASSET")
 
 
 async def test_configured_files_are_shown(emu: Emulator) -> None:
@@ -191,3 +196,109 @@ async def test_a_bug_in_a_handler_is_eio_not_a_crash(
             await ops.lookup(ROOT_INODE, emu.org.encode())
         assert fuse_errno(info) == errno.EIO
         assert "unexpected error" in caplog.text and "boom" in caplog.text
+
+
+@pytest.mark.allow_warnings(r"the file changed")
+async def test_a_change_seen_by_a_download_drops_the_old_version_everywhere(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A download finds the ETag moved -> the metadata is asked again -> the old
+    version's blocks and the kernel's pages go: one path, through fs.changes."""
+    told: list[tuple[str, object]] = []
+
+    class Told(Changes):
+        def drop_pages(self, inode: int) -> None:  # no kernel here to tell
+            told.append(("pages", inode))
+
+    with emulator(tmp_path_factory.mktemp("change-data"), "demo", "--demo-large-size", "8MiB") as e:
+        rel = "WTG-001/feature/vibration_raw.bin"
+        s = e.settings()
+        async with client_for(e) as client, trio.open_nursery() as nursery:
+            cache = BlockCache(client, nursery, block_size=1 << 20, budget=s.cache_memory)
+            ns = Namespace(client, s)
+            changes = Told(nursery)
+            changes.attach(cache, ns)
+            ops = EnosFS(ns, cache, s, changes)
+            attrs = await walk(ops, f"{e.org}/{rel}")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)
+            old = e.blob(demo_files(e)[rel])
+            # Not from the start: a sequential reader's blocks leave the cache as read.
+            assert bytes(await ops.read(info.fh, 2 << 20, 4096)) == old[2 << 20 : (2 << 20) + 4096]
+            with trio.fail_after(10):
+                while not cache.lru:  # the block lands whole a moment after its first bytes
+                    await trio.sleep(0.01)
+            e.replace_feature("WTG-001", "vibration_raw", bytes=len(old), seed="v2", keep_uri=True)
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                await ops.read(info.fh, 6 << 20, 4096)
+            assert fuse_errno(err) == errno.ESTALE
+            assert changes.counts["content"] == 1 and changes.counts["version"] == 0
+            # The next open asks for the metadata again: the old version's blocks go,
+            # and so do the kernel's pages of the file.
+            await ops.release(info.fh)
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)
+            assert changes.counts["version"] == 1
+            assert ("pages", attrs.st_ino) in told
+            assert len(cache.lru) == 0
+            new = e.blob(demo_files(e)[rel])
+            assert bytes(await ops.read(info.fh, 6 << 20, 4096)) == new[6 << 20 : (6 << 20) + 4096]
+            await ops.release(info.fh)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_listing_asks_no_size_and_lets_the_kernel_keep_none(emu: Emulator) -> None:
+    files = demo_files(emu)
+    blobs = emu.blobs()
+    async with ops_for(emu) as ops:
+        emu.reset_stats()
+        feature = await walk(ops, f"{emu.org}/WTG-001/feature")
+        fh = await ops.opendir(feature.st_ino, None)
+        entries = ops.dir_handles[fh]
+        await ops.releasedir(fh)
+        assert entries and emu.stats().get("files.getFileInfo", 0) == 0
+        for _, node in entries:
+            # What readdirplus hands the kernel: the name to keep, the 0 not.
+            a = ops._attrs(node)
+            assert (a.st_size, a.attr_timeout) == (0, 0)
+            assert a.entry_timeout == ops.settings.entry_timeout
+        got = await ops.getattr(entries[-1][1].inode)
+        assert got.st_size == blobs[files[f"WTG-001/feature/{entries[-1][0].decode()}"]]["size"]
+        assert emu.stats()["files.getFileInfo"] == len(entries)  # the folder, at once
+        for name, node in entries:
+            a = ops._attrs(node)
+            assert a.st_size == blobs[files[f"WTG-001/feature/{name.decode()}"]]["size"]
+            assert a.attr_timeout == ops.settings.attr_timeout
+
+
+async def visit_asset(ops: EnosFS, org: int, name: str) -> None:
+    """What `find` does in an asset folder: list it, then each category."""
+    asset = await ops.lookup(org, name.encode())
+    for category in await listing(ops, asset.st_ino):
+        await listing(ops, (await ops.lookup(asset.st_ino, category.encode())).st_ino)
+
+
+async def test_a_walk_in_order_lists_the_next_assets_ahead(emu: Emulator) -> None:
+    async with ops_for(emu) as ops:
+        org = await walk(ops, emu.org)
+        assets = await listing(ops, org.st_ino)
+        emu.reset_stats()
+        for name in assets[:2]:
+            await visit_asset(ops, org.st_ino, name)
+        # Every asset of the demo has a FILE measurement point: one queryLatest each.
+        with trio.fail_after(30):
+            while emu.stats().get("measurepoints.queryLatest", 0) < len(assets):
+                await trio.sleep(0.02)
+        emu.reset_stats()
+        for name in assets[2:]:
+            await visit_asset(ops, org.st_ino, name)
+        assert emu.stats().get("measurepoints.queryLatest", 0) == 0
+
+
+async def test_a_visit_out_of_order_lists_no_other_asset(emu: Emulator) -> None:
+    async with ops_for(emu) as ops:
+        org = await walk(ops, emu.org)
+        assets = await listing(ops, org.st_ino)
+        emu.reset_stats()
+        for name in (assets[3], assets[1]):
+            await visit_asset(ops, org.st_ino, name)
+        await trio.sleep(0.5)  # time for anything started ahead to show
+        assert emu.stats().get("measurepoints.queryLatest", 0) == 2

@@ -9,15 +9,16 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from enosfs.config import settings_from_dict
+from enosfs.diskcache import LAYOUT
 from enosfs.errors import ConfigError
 from enosfs.options import parse_options
+from tests.slow_disk import python_path
 from tests.support import (
     Emulator,
     background_mount,
@@ -30,6 +31,7 @@ from tests.support import (
     run,
     secret_env,
     stats_of,
+    wait_for,
     write_config,
 )
 
@@ -49,14 +51,10 @@ def test_disk_cache_survives_a_remount_with_no_downloads(emu: Emulator, work: Pa
         for rel in files:
             assert md5(m.org / rel) == blobs[files[rel]]["md5"], rel
         # The writes finish in the background; a large file's blocks are kept once
-        # its whole reading matched (staged until then).
-        want = sum(-(-blobs[uri]["size"] // (1024 * 1024)) for uri in files.values())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            disk = stats_of(m.path)["cache"]["disk"]
-            if disk["blocks"] >= want and disk["staged"] == 0:
-                break
-            time.sleep(0.1)
+        # its whole reading matched (staged until then). A file shown under two names
+        # is one file: its blocks are counted once.
+        want = sum(-(-blobs[uri]["size"] // (1024 * 1024)) for uri in set(files.values()))
+        wait_for(lambda: on_disk(m.path, want), f"{want} blocks on disk")
     emu.reset_stats()
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
         for rel in files:
@@ -68,13 +66,44 @@ def test_disk_cache_survives_a_remount_with_no_downloads(emu: Emulator, work: Pa
     assert stats.get("files.download.bytes", 0) == 0
 
 
+def on_disk(mountpoint: Path, blocks: int) -> bool:
+    """Are this many blocks in the mount's disk cache, and none waiting for its file's
+    check?"""
+    disk = stats_of(mountpoint)["cache"]["disk"]
+    return bool(disk["blocks"] >= blocks and disk["staged"] == 0)
+
+
+@pytest.mark.mount
+def test_blocks_read_just_before_an_unmount_are_on_disk_at_the_next_mount(
+    emu: Emulator, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unmount waits for the disk cache's writes under way, rather than cancelling
+    them: here each write takes two seconds (a slow disk), and the next mount serves the
+    file from disk while the server fails every download."""
+    uri = demo_files(emu)[CSV]
+    cache = work / "cache"
+    with monkeypatch.context() as slow:
+        slow.setenv("PYTHONPATH", python_path(work / "slow-disk", seconds=2.0))
+        with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
+            assert (m.org / CSV).read_bytes() == emu.blob(uri)
+            assert stats_of(m.path)["cache"]["disk"]["writes"] == 0  # still under way
+    assert "dropped at unmount" not in m.log_text()
+    emu.faults({"kind": "error", "status": 503, "match": "files.download"})
+    emu.reset_stats()
+    with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
+        assert (m.org / CSV).read_bytes() == emu.blob(uri)
+        disk = stats_of(m.path)["cache"]["disk"]
+        assert disk["hits"] == 1 and disk["misses"] == 0
+    assert emu.stats().get("files.download", 0) == 0
+
+
 @pytest.mark.mount
 def test_a_damaged_cache_block_is_fetched_again(emu: Emulator, work: Path) -> None:
     uri = demo_files(emu)[CSV]
     cache = work / "cache"
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
         assert (m.org / CSV).read_bytes() == emu.blob(uri)
-        time.sleep(0.5)
+        wait_for(lambda: on_disk(m.path, 1), "the block on disk")
     blocks = [p for p in cache.rglob("*") if p.is_file() and p.parent.parent.name == "v1"]
     assert len(blocks) == 1
     data = bytearray(blocks[0].read_bytes())
@@ -93,7 +122,7 @@ def test_a_truncated_cache_block_is_fetched_again(emu: Emulator, work: Path) -> 
     cache = work / "cache"
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
         (m.org / CSV).read_bytes()
-        time.sleep(0.5)
+        wait_for(lambda: on_disk(m.path, 1), "the block on disk")
     block = next(p for p in cache.rglob("*") if p.is_file() and p.parent.parent.name == "v1")
     block.write_bytes(block.read_bytes()[:1000])  # a write torn by a crash
     with mounted(work, emu, "", "--cache-dir", str(cache)) as m:
@@ -131,10 +160,11 @@ def test_the_disk_cache_stays_within_its_size(emu: Emulator, work: Path) -> None
     cache = work / "cache"
     with mounted(work, emu, "", "--cache-dir", str(cache), "--cache-size", "8MiB") as m:
         assert md5(m.org / BIG) == emu.blobs()[demo_files(emu)[BIG]]["md5"]
-        time.sleep(1)
-        disk = stats_of(m.path)["cache"]["disk"]
-        assert disk["bytes"] <= 8 * 1024 * 1024 and disk["evictions"] > 0
-    on_disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        # More than fits was read: the writes evict older blocks as they land.
+        wait_for(lambda: stats_of(m.path)["cache"]["disk"]["evictions"] > 0, "an eviction")
+        assert stats_of(m.path)["cache"]["disk"]["bytes"] <= 8 * 1024 * 1024
+    # The blocks' folder; the metadata store beside it is not counted in the cache size.
+    on_disk = sum(p.stat().st_size for p in (cache / LAYOUT).rglob("*") if p.is_file())
     assert on_disk <= 8 * 1024 * 1024 + 4096
 
 
@@ -151,8 +181,10 @@ def test_a_small_file_with_wrong_bytes_is_eio_never_served(emu: Emulator, work: 
         assert info.value.errno == errno.EIO
         assert "do not match the md5" in m.log_text()
         emu.admin("DELETE", "faults")
-        time.sleep(1.1)
-        assert (m.org / CSV).read_bytes() == emu.blob(demo_files(emu)[CSV])
+        # The failure is remembered for a second (blocks.FAILURE_MEMORY), then the file
+        # is fetched again, and its bytes match.
+        want = emu.blob(demo_files(emu)[CSV])
+        wait_for(lambda: read_or_none(m.org / CSV) == want, "the good bytes")
 
 
 @pytest.mark.mount
@@ -200,7 +232,7 @@ def test_getfattr_tells_where_a_file_came_from(emu: Emulator, work: Path) -> Non
 @pytest.mark.mount
 def test_stats_move_as_reads_happen(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
-        assert sorted(os.listdir(m.path / ".enosfs")) == ["config", "stats", "version"]
+        assert sorted(os.listdir(m.path / ".enosfs")) == ["config", "control", "stats", "version"]
         before = stats_of(m.path)
         (m.org / CSV).read_bytes()
         after = stats_of(m.path)
@@ -255,6 +287,14 @@ def test_prometheus_metrics_and_json_logs(emu: Emulator, work: Path) -> None:
         lines = m.log_text().splitlines()
         docs = [json.loads(line) for line in lines]
         assert any("mounted" in d["message"] and "memory cache" in d["message"] for d in docs)
+
+
+def read_or_none(path: Path) -> bytes | None:
+    """The file's bytes, or None where reading it fails."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 # -- mounting like a native filesystem --------------------------------------------------
@@ -342,9 +382,7 @@ def test_a_dead_mount_is_cleaned_by_the_next_mount(emu: Emulator, work: Path) ->
     out, pid = background_mount(cfg, mnt, emu)
     assert out.returncode == 0 and pid, out.stderr
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the killed mount to end", timeout=10)
     with pytest.raises(OSError) as info:
         os.listdir(mnt)
     assert info.value.errno == errno.ENOTCONN

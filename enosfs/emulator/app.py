@@ -30,8 +30,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from enosfs.emulator.content import GeneratedContent
 from enosfs.emulator.expr import ExpressionError, compile_expression, lookup
 from enosfs.emulator.faults import BODY_KINDS, Fault, FaultError, Faults
+from enosfs.emulator.network import NetworkError, NetworkProfile
+from enosfs.emulator.pacing import Pacer, chunk_for
+from enosfs.emulator.ratelimit import RateLimit, RateLimitError, retry_after
 from enosfs.emulator.state import (
     FEATURE_KINDS,
     Blob,
@@ -126,15 +130,16 @@ class InjectedCut(ConnectionAbortedError):
 
 
 class BlobResponse:
-    """Streams a blob from disk in large chunks: the emulator must outrun any client.
+    """Streams a blob from disk (or made on demand, for a generated one) in large
+    chunks: the emulator must outrun any client.
 
     Body faults shape the stream: cut it (reset, short), pause it (stall), pace it
-    (bandwidth).
+    (bandwidth); so do the network profile's pacers (per connection, per link).
     """
 
     def __init__(
         self,
-        path: str,
+        source: str | GeneratedContent,
         first: int,
         last: int,
         status: int,
@@ -142,9 +147,11 @@ class BlobResponse:
         counter: Counter[str],
         faults: list[Fault],
         stopping: asyncio.Event | None = None,
+        pacers: list[Pacer] | None = None,
     ) -> None:
         self.stopping = stopping
-        self.path = path
+        self.source = source
+        self.pacers = pacers or []
         self.first = first
         self.last = last
         self.status = status
@@ -163,10 +170,11 @@ class BlobResponse:
         cut = min((f.after for f in self.faults if f.kind in ("reset", "short")), default=None)
         stalls = sorted((f.after, f.seconds) for f in self.faults if f.kind == "stall")
         rate = min((f.rate for f in self.faults if f.kind == "bandwidth"), default=0.0)
+        pacers = ([Pacer(rate, chunk_for(rate, CHUNK))] if rate else []) + self.pacers
         flips = {f.after for f in self.faults if f.kind == "corrupt"}
         # A slow body trickles (small chunks, often) rather than going silent between
         # large ones: a client must tell a trickle from a stall.
-        chunk_size = CHUNK if not rate else max(64, min(CHUNK, int(rate / 20)))
+        chunk_size = min((chunk_for(p.rate, CHUNK) for p in pacers), default=CHUNK)
         # A client that hangs up ends the body: a paced or stalled one would otherwise
         # go on "sending" for minutes, counted as downloaded bytes, into later tests.
         gone = asyncio.Event()
@@ -177,7 +185,8 @@ class BlobResponse:
             gone.set()
 
         watcher = asyncio.ensure_future(watch())
-        fd = os.open(self.path, os.O_RDONLY)
+        made = self.source if isinstance(self.source, GeneratedContent) else None
+        fd = os.open(self.source, os.O_RDONLY) if isinstance(self.source, str) else -1
         try:
             sent = 0
             while sent < length and not gone.is_set():
@@ -194,7 +203,8 @@ class BlobResponse:
                     self.counter["faults.cut"] += 1
                     # Closing the connection mid-body: uvicorn drops it on this error.
                     raise InjectedCut("injected: body cut")
-                chunk = os.pread(fd, n, self.first + sent)
+                offset = self.first + sent
+                chunk = made.read(offset, n) if made is not None else os.pread(fd, n, offset)
                 if not chunk:
                     break
                 for at in flips:
@@ -203,16 +213,21 @@ class BlobResponse:
                         spoilt = bytearray(chunk)
                         spoilt[at - sent] ^= 0xFF
                         chunk = bytes(spoilt)
+                if pacers:
+                    wait = max(p.reserve(len(chunk)) for p in pacers)
+                    if wait > 0:
+                        await self._pause(wait)
+                    if gone.is_set():
+                        break
                 sent += len(chunk)
                 self.counter["files.download.bytes"] += len(chunk)
                 await send(
                     {"type": "http.response.body", "body": chunk, "more_body": sent < length}
                 )
-                if rate:
-                    await self._pause(len(chunk) / rate)
         finally:
             watcher.cancel()
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     async def _pause(self, seconds: float) -> None:
         """A stall or a paced body's wait, cut short when the emulator stops: neither may
@@ -248,10 +263,15 @@ class Emulator:
         faults: Faults | None = None,
         *,
         expose_admin: bool = False,
+        network: NetworkProfile | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.state = state
         self.switches = switches or Switches()
         self.faults = faults or Faults()
+        # Held by the connection protocol too (connect cost): changed in place only.
+        self.network = network or NetworkProfile()
+        self.rate_limit = rate_limit
         # The admin API hands out live tokens and rewrites state: loopback clients
         # only, unless asked for (--expose-admin).
         self.expose_admin = expose_admin
@@ -281,6 +301,7 @@ class Emulator:
             ("switches", self.set_switches, ["GET", "POST"]),
             ("tokens/revoke", self.revoke_tokens, ["POST"]),
             ("faults", self.set_faults, ["GET", "POST", "DELETE"]),
+            ("network", self.set_network, ["GET", "POST"]),
             ("replace", self.replace_file, ["POST"]),
             ("apps", self.set_app, ["POST"]),
             ("tokens", self.list_tokens, ["GET"]),
@@ -309,9 +330,15 @@ class Emulator:
         """Count the request, play the faults picked for it, check its token.
 
         Returns the response that answers it instead of the handler, if any. Faults that
-        shape a download's body are left on request.state for the handler.
+        shape a download's body are left on request.state for the handler. The network
+        profile's round trip comes first, and the rate limit's 429 takes one as well.
         """
         self.counts[kind] += 1
+        limited = self.rate_limited(request) if auth else None
+        if self.network.rtt > 0:
+            await asyncio.sleep(self.network.rtt)
+        if limited is not None:
+            return limited
         picked = self.faults.pick(kind)
         request.state.body_faults = [f for f in picked if f.kind in BODY_KINDS]
         for fault in picked:
@@ -339,6 +366,31 @@ class Emulator:
                 self.counts["faults.bloat"] += 1
                 return StreamingResponse(_bloated(fault.size), media_type="application/json")
         return self.authorize(request) if auth else None
+
+    def rate_limited(self, request: Request) -> Response | None:
+        """The gateway's 429 for a call beyond its app's limit, else None. EnOS does not
+        document the body: an envelope with code 99429 (and the gateway's "message")."""
+        if self.rate_limit is None:
+            return None
+        issued = self.tokens.get(request.headers.get("apim-accesstoken", ""))
+        if issued is None:
+            return None  # no app to count it against: the token check answers it
+        wait = self.rate_limit.admit(issued.app_key)
+        if wait is None:
+            return None
+        self.counts["ratelimit.429"] += 1
+        msg = f"API rate limit exceeded: at most {self.rate_limit.describe()} for this app"
+        return JSONResponse(
+            {
+                "code": 99429,
+                "msg": msg,
+                "message": msg,
+                "requestId": str(uuid.uuid4()),
+                "data": None,
+            },
+            status_code=429,
+            headers={"retry-after": retry_after(wait)},
+        )
 
     def authorize(self, request: Request) -> Response | None:
         token = request.headers.get("apim-accesstoken", "")
@@ -420,6 +472,26 @@ class Emulator:
             except (FaultError, ValueError, TypeError, AttributeError) as exc:
                 return JSONResponse({"error": f"bad faults: {exc}"}, status_code=400)
         return JSONResponse(self.faults.describe())
+
+    async def set_network(self, request: Request) -> Response:
+        """POST {"network": "rtt=40ms,conn=25MB/s" (or "" for none), "rate_limit": "50/s"
+        (or null for none)}: either key may be left out; GET shows both."""
+        if request.method == "POST":
+            try:
+                doc = json.loads(await request.body() or b"{}")
+                if "network" in doc:
+                    self.network.replace_with(NetworkProfile.from_spec(str(doc["network"] or "")))
+                if "rate_limit" in doc:
+                    spec = doc["rate_limit"]
+                    self.rate_limit = RateLimit.from_spec(str(spec)) if spec else None
+            except (NetworkError, RateLimitError, ValueError, TypeError, AttributeError) as exc:
+                return JSONResponse({"error": f"bad network: {exc}"}, status_code=400)
+        return JSONResponse(
+            {
+                "network": self.network.describe(),
+                "rate_limit": self.rate_limit.describe() if self.rate_limit else None,
+            }
+        )
 
     async def replace_file(self, request: Request) -> Response:
         """Give an asset's feature new content, as a device uploading a new file does.
@@ -574,6 +646,7 @@ class Emulator:
             blob = self._blob_for(org, request)
             if isinstance(blob, Response):
                 return blob
+            self.state.settle(blob)
             return envelope(
                 {
                     "orgId": blob.org_id,
@@ -600,6 +673,7 @@ class Emulator:
         blob = self._blob_for(org, request)
         if isinstance(blob, Response):
             return blob
+        self.state.settle(blob)
         size = blob.size
         headers = {
             "content-type": "application/octet-stream",
@@ -609,17 +683,22 @@ class Emulator:
         wanted = parse_range(request.headers.get("range"), size)
         if not self.switches.honour_range:
             wanted = None
-        path = str(self.state.blob_path(blob))
+        source = blob.content or str(self.state.blob_path(blob))
         if isinstance(wanted, str):  # "unsatisfiable"
             self.counts["files.download.416"] += 1
             return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
+        pacers = self.network.pacers()
         if wanted is None:
             self.counts["files.download.full"] += 1
-            return BlobResponse(path, 0, size - 1, 200, headers, self.counts, faults, self.stopping)
+            return BlobResponse(
+                source, 0, size - 1, 200, headers, self.counts, faults, self.stopping, pacers
+            )
         first, last = wanted
         self.counts["files.download.ranged"] += 1
         headers["content-range"] = f"bytes {first}-{last}/{size}"
-        return BlobResponse(path, first, last, 206, headers, self.counts, faults, self.stopping)
+        return BlobResponse(
+            source, first, last, 206, headers, self.counts, faults, self.stopping, pacers
+        )
 
     # -- integration (upload) ------------------------------------------------------------
 
@@ -859,6 +938,8 @@ class Emulator:
     # -- firmware ------------------------------------------------------------------------
 
     def firmware_doc(self, org: Org, f: Firmware) -> dict[str, Any]:
+        if not f.sign and f.file_uri in self.state.blobs:  # generated: signed when shown
+            f.sign = self.state.settle(self.state.blobs[f.file_uri]).sign
         return {
             "orgId": org.org_id,
             "firmwareId": f.firmware_id,

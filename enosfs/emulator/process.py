@@ -32,9 +32,22 @@ class MountFailed(EnosfsError):
 
 
 def start_emulator(
-    data_dir: Path, seed: str = "demo", extra: Sequence[str] = ()
+    data_dir: Path,
+    seed: str = "demo",
+    extra: Sequence[str] = (),
+    *,
+    network: str | None = None,
+    rate_limit: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `enosfs emulator` on a free loopback port; return its process and URL."""
+    """Start `enosfs emulator` on a free loopback port; return its process and URL.
+
+    seed may be a generated organisation ("generate:devices=5000,..."); network
+    ("rtt=40ms,conn=25MB/s,...") and rate_limit ("50/s") play a distant, rate-limited
+    gateway (both can also be changed at run time: POST /__emulator__/network)."""
+    if network:
+        extra = [*extra, "--network", network]
+    if rate_limit:
+        extra = [*extra, "--rate-limit", rate_limit]
     tmp = Path(tempfile.mkdtemp(prefix="enosfs-emulator-"))
     ready = tmp / "ready.json"
     cmd = [

@@ -24,6 +24,9 @@ from pathlib import Path
 from enosfs.emulator.app import Emulator, InjectedCut, Switches, is_loopback
 from enosfs.emulator.demo import LARGE_DEFAULT, build_demo
 from enosfs.emulator.faults import Faults
+from enosfs.emulator.generate import PREFIX, GenerateSpec, build_generated, parse_spec
+from enosfs.emulator.network import NetworkProfile, distant_protocol
+from enosfs.emulator.ratelimit import RateLimit
 from enosfs.emulator.state import STATE_FILE, SeedError, State, build_state, load_seed, reset_dir
 
 
@@ -40,6 +43,8 @@ class EmulatorOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     expose_admin: bool = False
+    network: NetworkProfile | None = None
+    rate_limit: RateLimit | None = None
 
 
 # A reply held by a fault (stall, bandwidth) may keep shutdown waiting this long at most.
@@ -48,12 +53,12 @@ GRACEFUL_SHUTDOWN = 1  # whole seconds: uvicorn takes an int
 
 def _fingerprint(*parts: bytes) -> str:
     """Changes whenever the state a seed builds could: its content or the code."""
-    from enosfs.emulator import demo, state
+    from enosfs.emulator import content, demo, generate, state
 
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
-    for module in (demo.__file__, state.__file__):
+    for module in (demo.__file__, state.__file__, generate.__file__, content.__file__):
         digest.update(Path(module).read_bytes())
     return digest.hexdigest()[:24]
 
@@ -73,8 +78,12 @@ def prepare_state(seed: str | None, data_dir: Path, large_size: int) -> State:
         if (data_dir / STATE_FILE).exists():
             return State.load(data_dir)
         raise SeedError(f"nothing to serve: give --seed, or a --data-dir holding {STATE_FILE}")
+    spec: GenerateSpec | None = None
     if seed == "demo":
         fingerprint = _fingerprint(b"demo", str(large_size).encode())
+    elif seed.startswith(PREFIX):
+        spec = parse_spec(seed)
+        fingerprint = _fingerprint(b"generate", spec.canonical().encode())
     else:
         doc, base = load_seed(Path(seed))
         fingerprint = _fingerprint(json.dumps(doc, sort_keys=True).encode(), str(base).encode())
@@ -86,6 +95,8 @@ def prepare_state(seed: str | None, data_dir: Path, large_size: int) -> State:
         src = data_dir / "demo-src"
         state = build_state(build_demo(src, large_size), src, data_dir)
         shutil.rmtree(src, ignore_errors=True)
+    elif spec is not None:
+        state = build_generated(spec, data_dir)
     else:
         state = build_state(doc, base, data_dir)
     state.fingerprint = fingerprint
@@ -190,7 +201,14 @@ def _serve(opts: EmulatorOptions) -> int:
                 file=sys.stderr,
             )
             return 2
-        emulator = Emulator(state, opts.switches, opts.faults, expose_admin=opts.expose_admin)
+        emulator = Emulator(
+            state,
+            opts.switches,
+            opts.faults,
+            expose_admin=opts.expose_admin,
+            network=opts.network,
+            rate_limit=opts.rate_limit,
+        )
         logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
         # Writes to a connection the client dropped are expected under faults.
         logging.getLogger("asyncio").setLevel(logging.ERROR)
@@ -205,7 +223,8 @@ def _serve(opts: EmulatorOptions) -> int:
             log_level="warning",
             access_log=False,
             lifespan="off",
-            http="httptools",
+            # httptools, with the network profile's connect cost (none by default).
+            http=distant_protocol(emulator.network, emulator.counts),
             loop="uvloop",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,

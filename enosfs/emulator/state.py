@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enosfs.emulator.content import GeneratedContent
+
 FEATURE_KINDS = ("attributes", "measurepoints", "events")
 STATE_FILE = "state.json"
 
@@ -38,6 +40,13 @@ class Blob:
     create_time_ms: int
     sign_method: str = "md5"
     sign: str = ""
+    # Set for a generated file (see content.py): its bytes come from this seed, made on
+    # demand, and md5 and sign stay empty until State.settle() first needs them.
+    gen: str = ""
+
+    @property
+    def content(self) -> GeneratedContent | None:
+        return GeneratedContent(self.gen, self.size) if self.gen else None
 
     @property
     def blob_name(self) -> str:
@@ -128,6 +137,15 @@ class State:
 
     def blob_path(self, blob: Blob) -> Path:
         return self.blob_dir / blob.blob_name
+
+    def settle(self, blob: Blob) -> Blob:
+        """A generated blob with its md5 and sign filled in (computed once, when first
+        asked for: hashing 20,000 files at start would make a big organisation slow to
+        start); any other blob as it is."""
+        content = blob.content
+        if content is not None and not blob.md5:
+            blob.md5, blob.sign = content.digests(blob.sign_method)
+        return blob
 
     def new_uri(self, ext: str) -> str:
         while True:

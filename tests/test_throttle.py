@@ -1,0 +1,336 @@
+"""Gentle with the gateway: the adaptive bound on API calls in flight (throttle.py),
+retries that wait out a 429 storm rather than fail (retry.py), and the two together
+against the emulator's rate limit, over a client and over a real mount.
+
+The bound's own tests run in-process on trio's autojump clock: what they assert is
+order and counts, never speed."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from enosfs.api import check_envelope
+from enosfs.errors import NotFound, RateLimited, ServerError, TransportError
+from enosfs.metrics import METRICS, samples
+from enosfs.retry import RetryPolicy, retrying
+from enosfs.throttle import START, ApiThrottle
+from tests.support import Emulator, mounted, stats_of
+from tests.test_client import client_for
+
+
+def limited(retry_after: float | None = None) -> RateLimited:
+    return RateLimited("API rate limit exceeded", retry_after, http_status=429)
+
+
+async def call(
+    throttle: ApiThrottle,
+    *,
+    hold: float = 1.0,
+    fail: BaseException | None = None,
+    log: list[int] | None = None,
+    me: int = 0,
+) -> None:
+    """One API call through the bound: holds its slot for `hold` seconds, then answers
+    (or fails with `fail`)."""
+    async with throttle.slot():
+        if log is not None:
+            log.append(me)
+        await trio.sleep(hold)
+        if fail is not None:
+            raise fail
+
+
+async def calls(throttle: ApiThrottle, n: int, **kw: object) -> list[BaseException]:
+    """n calls at once; their failures, in no order."""
+    failed: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await call(throttle, **kw)  # type: ignore[arg-type]
+        except (RateLimited, NotFound, ServerError) as exc:
+            failed.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return failed
+
+
+# -- the bound --------------------------------------------------------------------------
+
+
+async def test_it_starts_modest_and_within_the_ceiling() -> None:
+    assert ApiThrottle(32).limit == START
+    assert ApiThrottle(3).limit == 3
+    with pytest.raises(ValueError):
+        ApiThrottle(0)
+
+
+async def test_no_more_calls_are_in_flight_than_the_limit(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(4, start=4)
+    most = 0
+
+    async def watched() -> None:
+        nonlocal most
+        async with throttle.slot():
+            most = max(most, throttle.in_use)
+            assert throttle.in_use <= throttle.limit
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(watched)
+    assert most == 4
+    assert throttle.in_use == 0
+    assert throttle.throttled_waits == 16
+
+
+async def test_a_429_halves_the_limit_once_per_round(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(32)
+    # Eight calls sent together all hear 429: one cut, not eight (they are one round).
+    failed = await calls(throttle, 8, fail=limited())
+    assert len(failed) == 8
+    assert throttle.limit == START // 2
+    assert throttle.decreases == 1 and throttle.rate_limited == 8
+    # Each later round that hears 429 halves it again, down to 1 and never below.
+    for expected in (2, 1, 1, 1):
+        await calls(throttle, 3, fail=limited())
+        assert throttle.limit == expected
+
+
+async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(6)
+    await calls(throttle, 1, fail=limited())
+    assert throttle.limit == 3
+    # +1 after `limit` calls answered with the bound full: the first three calls of a
+    # burst make it 4.
+    await calls(throttle, 3)
+    assert throttle.limit == 4
+    await calls(throttle, 60)
+    assert throttle.limit == 6
+    # ... and never past the ceiling.
+    await calls(throttle, 100)
+    assert throttle.limit == 6
+
+
+async def test_an_error_envelope_is_an_answer_and_a_timeout_is_not(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(8, start=2)
+    await calls(throttle, 2, fail=NotFound(99404, "no such device"))
+    assert throttle.limit == 3
+    with pytest.raises(TransportError):
+        await call(throttle, fail=TransportError("reset"))
+    assert throttle.limit == 3 and throttle.decreases == 0
+
+
+async def test_calls_one_after_another_do_not_grow_it(autojump_clock: MockClock) -> None:
+    """A bound never filled says nothing of how many calls at once the gateway takes."""
+    throttle = ApiThrottle(32, start=4)
+    for _ in range(50):
+        await call(throttle)
+    assert throttle.limit == 4
+
+
+async def test_retry_after_holds_every_new_call(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(8)
+    with pytest.raises(RateLimited):
+        await call(throttle, hold=0, fail=limited(retry_after=3))
+    told = trio.current_time()
+    started: list[float] = []
+
+    async def other() -> None:
+        async with throttle.slot():
+            started.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(other)
+    assert len(started) == 3 and min(started) >= told + 3
+    assert throttle.throttled_waits == 3
+
+
+async def test_waiters_are_served_in_the_order_they_came(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(1, start=1)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for me in range(6):
+            nursery.start_soon(functools.partial(call, throttle, log=order, me=me))
+            await trio.sleep(0.01)  # they arrive in this order
+    assert order == list(range(6))
+
+
+async def test_a_cancelled_waiter_takes_no_slot_with_it(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(1, start=1)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: call(throttle, hold=5, log=order, me=0))
+        await trio.sleep(0.01)
+        with trio.move_on_after(1):  # gives up while queued
+            await call(throttle, log=order, me=1)
+        nursery.start_soon(lambda: call(throttle, log=order, me=2))
+    assert order == [0, 2]
+    assert throttle.in_use == 0 and throttle.stats()["waiting"] == 0
+
+
+async def test_a_call_cancelled_during_retry_after_gives_its_slot_back(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(1, start=1)
+    with pytest.raises(RateLimited):
+        await call(throttle, hold=0, fail=limited(retry_after=10))
+    with trio.move_on_after(2):
+        await call(throttle)
+    assert throttle.in_use == 0
+    await trio.sleep(10)
+    with trio.fail_after(1):
+        await call(throttle, hold=0)  # the slot is there to take
+
+
+async def test_a_file_body_takes_no_slot_but_heeds_the_gateway(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(8, start=2)
+    async with throttle.slot(), throttle.slot(), throttle.passage():
+        assert throttle.in_use == 2  # the bound is full, the body still goes
+    with pytest.raises(RateLimited):
+        async with throttle.passage():
+            raise limited(retry_after=2)
+    assert throttle.limit == 1 and throttle.rate_limited == 1
+    told = trio.current_time()
+    async with throttle.passage():
+        assert trio.current_time() >= told + 2
+
+
+async def test_its_counters_are_exported() -> None:
+    throttle = ApiThrottle(16)
+    throttle.rate_limited, throttle.throttled_waits = 5, 7
+    doc = {"throttle": throttle.stats()}
+    got = {m.name: samples(m, doc) for m in METRICS}
+    assert got["enosfs_api_concurrency_limit"] == [((), START)]
+    assert got["enosfs_rate_limited"] == [((), 5)]
+    assert got["enosfs_throttled_waits"] == [((), 7)]
+
+
+def test_a_rate_limit_envelope_is_rate_limiting_whatever_its_status() -> None:
+    for status in (200, 429):
+        with pytest.raises(RateLimited) as err:
+            check_envelope(status, b'{"code": 99429, "msg": "too many"}', "device search")
+        assert err.value.code == 99429
+
+
+# -- retries ----------------------------------------------------------------------------
+
+
+async def test_a_429_storm_waits_within_the_deadline_without_spending_retries(
+    autojump_clock: MockClock,
+) -> None:
+    tries = 0
+
+    async def attempt() -> str:
+        nonlocal tries
+        tries += 1
+        if tries <= 20:
+            raise limited(retry_after=1)
+        return "listed"
+
+    policy = RetryPolicy(timeout=30, max_attempts=3)
+    assert await retrying(policy, "device search", attempt) == "listed"
+    assert tries == 21
+
+
+async def test_a_429_past_the_deadline_or_with_retries_off_fails() -> None:
+    async def attempt() -> str:
+        raise limited(retry_after=5)
+
+    with pytest.raises(RateLimited):
+        await retrying(RetryPolicy(timeout=2), "device search", attempt)
+    with pytest.raises(RateLimited):
+        await retrying(RetryPolicy(timeout=30, max_attempts=1), "device search", attempt)
+
+
+async def test_other_failures_still_spend_the_retries(autojump_clock: MockClock) -> None:
+    tries = 0
+
+    async def attempt() -> str:
+        nonlocal tries
+        tries += 1
+        raise ServerError(503, "unavailable", http_status=503)
+
+    with pytest.raises(ServerError):
+        await retrying(RetryPolicy(timeout=30, max_attempts=3), "device search", attempt)
+    assert tries == 3
+
+
+# -- against the emulator's rate limit --------------------------------------------------
+
+
+@pytest.fixture
+def rate_limited(emu: Emulator) -> Iterator[Emulator]:
+    """The shared emulator with its rate limit put back to none after the test."""
+    try:
+        yield emu
+    finally:
+        emu.network(rate_limit=None)
+
+
+async def test_a_burst_over_the_rate_limit_completes_and_comes_down(
+    rate_limited: Emulator,
+) -> None:
+    emu = rate_limited
+    async with client_for(emu, timeout=30) as client:
+        assets = [d.asset_id for d in await client.search_devices(emu.org)]
+        emu.network(rate_limit="50/s")
+        emu.reset_stats()
+        errors: list[BaseException] = []
+        lowest = client.throttle.limit
+
+        async def get(n: int) -> None:
+            nonlocal lowest
+            try:
+                await client.get_device(emu.org, assets[n % len(assets)])
+            except Exception as exc:  # every failure is what this test counts
+                errors.append(exc)
+            lowest = min(lowest, client.throttle.limit)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(200):
+                nursery.start_soon(get, n)
+        seen = emu.stats()
+    assert errors == []
+    assert seen["devices.get"] - seen.get("ratelimit.429", 0) == 200
+    throttle = client.throttle.stats()
+    assert throttle["decreases"] >= 1 and lowest < START
+    assert throttle["rate_limited"] == seen["ratelimit.429"]
+    # The bound and Retry-After keep the calls near the allowed rate: a few 429s per
+    # second of the burst, not one per call.
+    assert seen["ratelimit.429"] <= 200 // 4
+
+
+@pytest.mark.mount
+def test_ls_lr_under_a_rate_limit_gets_no_error(rate_limited: Emulator, work: Path) -> None:
+    emu = rate_limited
+    with mounted(work, emu, "[network]\nmax_api_concurrency = 4\n") as m:
+        emu.network(rate_limit="5/s")
+        emu.reset_stats()
+        done = subprocess.run(
+            ["ls", "-lR", str(m.org)], capture_output=True, text=True, timeout=100
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        seen = emu.stats()
+        emu.network(rate_limit=None)
+        throttle = stats_of(m.path)["throttle"]
+    assert seen.get("ratelimit.429", 0) >= 1  # the listing did meet the limit
+    assert throttle["ceiling"] == 4
+    assert throttle["decreases"] >= 1
+    assert throttle["rate_limited"] == seen["ratelimit.429"]
