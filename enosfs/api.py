@@ -374,10 +374,11 @@ class Body:
     async def readinto(self, view: memoryview) -> int:
         """Fill the start of view with the next body bytes; 0 at the end of the body.
 
-        With the lean transport the socket writes straight into view; otherwise chunks
-        from httpx are copied in. A body that breaks off raises TransportError, or
-        DeadlineError when no bytes came within the read timeout: callers (the block
-        cache) know enosfs errors only, and resume from the bytes they have.
+        The socket writes straight into view (the lean transport's readinto), except
+        after a JSON body was peeked at through httpx's chunks, which are copied in. A
+        body that breaks off raises TransportError, or DeadlineError when no bytes came
+        within the read timeout: callers (the block cache) know enosfs errors only, and
+        resume from the bytes they have.
         """
         try:
             return await self._readinto(view)
@@ -423,14 +424,15 @@ class EnosClient:
         gateway: str,
         integration: str,
         policy: RetryPolicy | None = None,
-        lean: LeanTransport | None = None,
+        lean: LeanTransport,
         max_api_concurrency: int | None = None,
     ) -> None:
         self.http = http
         # One adaptive bound on every API call of the mount; file bodies only pass its
         # Retry-After gate (throttle.py says why).
         self.throttle = ApiThrottle(max_api_concurrency or default("max_api_concurrency"))
-        # File bodies go through the lean transport where there is one (transport.py).
+        # File bodies go through the lean transport (transport.py) by its own entry, past
+        # httpx's client machinery; proxies included, so there is one path.
         self.lean = lean
         files_url = httpx.URL(f"{integration.rstrip('/')}/connect-service/v2.1/files")
         self._files_origin = origin_of(files_url)
@@ -707,8 +709,6 @@ class EnosClient:
         headers = {"Accept-Encoding": "identity"}
         if start > 0 or end is not None:
             headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end))
-        url = f"{self.integration}/connect-service/v2.1/files"
-        params = {"action": "download", **ref.params()}
         # Opened by hand rather than with `async with` so the retry loop can hand an
         # open response out of the attempt that got it.
         holder: list[httpx.Response] = []
@@ -721,18 +721,12 @@ class EnosClient:
 
         async def open_one(token: str) -> Body:
             self.requests[kind] += 1
-            if self.lean is not None:
-                raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-                raw.append((b"apim-accesstoken", token.encode()))
-                raw.append((b"user-agent", b"enosfs"))
-                resp = await self.lean.request(
-                    "GET", self._files_origin, self._download_target(ref), raw
-                )
-            else:
-                req = self.http.build_request(
-                    "GET", url, params=params, headers={**headers, "apim-accesstoken": token}
-                )
-                resp = await self.http.send(req, stream=True)
+            raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+            raw.append((b"apim-accesstoken", token.encode()))
+            raw.append((b"user-agent", b"enosfs"))
+            resp = await self.lean.request(
+                "GET", self._files_origin, self._download_target(ref), raw
+            )
             try:
                 body = await _classify_download(resp, start, what)
             except BaseException:

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-META_CONCURRENCY = 16
+# getFileInfo calls of one mount in flight at once, for sizing folders: as many as the
+# API bound allows by default (network.max_api_concurrency), which adapts below it.
+META_CONCURRENCY = 32
 _ID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)?")
 _ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILE_SCHEMES = ("enos-connect://",)

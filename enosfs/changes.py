@@ -22,7 +22,7 @@ import contextlib
 import errno
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -44,6 +44,10 @@ class Changes:
         self.cache: BlockCache | None = None
         self.ns: Namespace | None = None
         self.counts: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: changes reported, by kind."""
+        return {"changes": dict(sorted(self.counts.items()))}
 
     def attach(self, cache: BlockCache, ns: Namespace) -> None:
         """Wire the parts both ways: they report here, and this drops their contents."""

@@ -29,7 +29,7 @@ from enosfs.integrity import Reading
 from enosfs.namespace import ControlFile, Dir, File, Namespace, Node
 from enosfs.quiet import Quieter
 from enosfs.readahead import FolderReadAhead, ReadAhead
-from enosfs.walkahead import WalkAhead
+from enosfs.walkahead import IN_FLIGHT, WalkAhead
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -155,9 +155,12 @@ class EnosFS(pyfuse3.Operations):
         self.errors: Counter[str] = Counter()  # errno names answered, for /.enosfs/stats
         self.folder_patterns: dict[int, FolderReadAhead] = {}
         # Listings of the next assets, for a walk over an organisation (walkahead.py).
-        # Fewer in flight than connections, so the user's own requests find one free.
+        # Fewer in flight than the API bound's ceiling, so the user's own calls find
+        # a slot.
         self.walk_ahead = WalkAhead(
-            ns, cache.nursery, in_flight=max(1, min(16, settings.max_connections // 2))
+            ns,
+            cache.nursery,
+            in_flight=max(1, min(IN_FLIGHT, settings.max_api_concurrency * 3 // 4)),
         )
         # Per inode of a large file not yet checked: open files that may fill its
         # kernel page cache (one at a time; others bypass it).
@@ -178,6 +181,7 @@ class EnosFS(pyfuse3.Operations):
                 "broken": self.counts["readings_broken"],
             },
             "errors": dict(sorted(self.errors.items())),
+            "walk_ahead": dict(sorted(self.walk_ahead.counts.items())),
         }
 
     # -- attributes ----------------------------------------------------------------------

@@ -184,7 +184,7 @@ class MetaFile:
             return None
         try:
             return cls(path, _connect(path))
-        except (Damaged, sqlite3.Error) as exc:
+        except (Damaged, sqlite3.Error, OSError) as exc:
             if _busy(exc):
                 log.warning("metadata store %s is in use (%s); metadata is not kept", path, exc)
                 return None
@@ -358,7 +358,7 @@ def _busy(exc: BaseException) -> bool:
 
 class MetaStore:
     """What the catalog talks to: loads in a worker thread, saves queued for a writer
-    task (run()) that batches them. Any sqlite error turns the store off for the
+    task (run()) that batches them. Any error in either turns the store off for the
     session, said once; every method is then a cheap no-op."""
 
     def __init__(self, file: MetaFile) -> None:
@@ -377,6 +377,11 @@ class MetaStore:
     def enabled(self) -> bool:
         return self.file is not None
 
+    def stats(self) -> dict[str, Any]:
+        """Its part of /.enosfs/stats: records loaded at start, written, and whether the
+        store is still in use (an error turns it off for the session)."""
+        return {"metadata_store": {"enabled": self.enabled, **dict(sorted(self.counts.items()))}}
+
     # -- reading ----------------------------------------------------------------------------
 
     async def load(self, org: str) -> OrgRecord:
@@ -387,7 +392,7 @@ class MetaStore:
         try:
             async with self._io:
                 record, bad = await trio.to_thread.run_sync(file.load, org)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # whatever it is, a cache must not take the mount down
             self._fail("reading", exc)
             return OrgRecord()
         self.counts["loaded"] += (
@@ -443,7 +448,7 @@ class MetaStore:
             if batch and file is not None:
                 try:
                     await trio.to_thread.run_sync(file.write, batch)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # as in load()
                     self._fail("writing", exc)
                 else:
                     self.counts["written"] += len(batch)
@@ -470,7 +475,7 @@ class MetaStore:
                 async with self._io:
                     await trio.to_thread.run_sync(file.close)
 
-    def _fail(self, doing: str, exc: sqlite3.Error) -> None:
+    def _fail(self, doing: str, exc: Exception) -> None:
         """Off for the session: a store that failed once is not trusted again."""
         file, self.file = self.file, None
         self._pending.clear()

@@ -47,6 +47,7 @@ from enosfs.fs import EnosFS
 from enosfs.metastore import MetaStore
 from enosfs.metrics import serve as serve_metrics
 from enosfs.namespace import Namespace
+from enosfs.proxies import Proxies
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.stats import Parts, render_config, render_stats, render_version, snapshot
 from enosfs.transport import LeanTransport
@@ -165,35 +166,26 @@ def check_fuse() -> None:
 
 
 def http_client(settings: Settings, lean: LeanTransport | None = None) -> httpx.AsyncClient:
-    """The client for EnOS's JSON APIs: on the lean transport where there is one."""
-    if lean is not None:
-        return httpx.AsyncClient(transport=lean, headers={"User-Agent": "enosfs"})
-    limits = httpx.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_connections,
-        keepalive_expiry=30,
-    )
-    timeout = httpx.Timeout(settings.timeout, connect=settings.connect_timeout)
-    return httpx.AsyncClient(
-        timeout=timeout,
-        limits=limits,
-        verify=settings.ca_bundle or True,
-        headers={"User-Agent": "enosfs"},
-    )
+    """The client for EnOS's JSON APIs, on the lean transport (the mount's own, or a new
+    one): API calls and file bodies take one path, with the same proxy and the same
+    certificate checks. httpx ignores proxy variables for a client given a transport."""
+    transport = lean if lean is not None else lean_transport(settings)
+    return httpx.AsyncClient(transport=transport, headers={"User-Agent": "enosfs"})
 
 
-def lean_transport(settings: Settings) -> LeanTransport | None:
-    """The lean transport for file bodies; None where a proxy is configured (it speaks
-    only direct HTTP/1.1, and httpx's own transport does proxies)."""
-    proxy_vars = ("http_proxy", "https_proxy", "all_proxy")
-    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in proxy_vars):
-        log.info("a proxy is configured: file downloads use httpx's own transport")
-        return None
+def lean_transport(settings: Settings) -> LeanTransport:
+    """The transport of every request, with the proxies the environment names
+    (proxies.py); a proxy variable enosfs cannot use stops the mount (ConfigError)."""
+    proxies = Proxies.from_environ(os.environ)
+    for scheme, proxy in (("http", proxies.http), ("https", proxies.https)):
+        if proxy is not None:
+            log.info("%s requests go through the proxy %s", scheme, proxy.shown)
     return LeanTransport(
         verify=settings.ca_bundle or True,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.timeout,
         max_connections=settings.max_connections,
+        proxies=proxies,
     )
 
 
@@ -343,7 +335,7 @@ class Mount:
         s = self.settings
         p = self.parts
         policy = RetryPolicy(timeout=s.timeout, max_attempts=s.retries + 1)
-        p.lean = lean_transport(s)
+        lean = p.lean = lean_transport(s)
         warn_plain_http(s)
         async with contextlib.AsyncExitStack() as stack:
             store: MetaStore | None = None
@@ -356,7 +348,7 @@ class Mount:
                 store = await MetaStore.open(Path(s.cache_dir))
                 if store is not None:
                     stack.push_async_callback(store.close)  # a start that fails, too
-            http = await stack.enter_async_context(http_client(s, p.lean))
+            http = await stack.enter_async_context(http_client(s, lean))
             p.tokens = TokenSource(
                 http,
                 s.gateway,
@@ -374,7 +366,7 @@ class Mount:
                 gateway=s.gateway,
                 integration=s.integration,
                 policy=policy,
-                lean=p.lean,
+                lean=lean,
                 max_api_concurrency=s.max_api_concurrency,
             )
             await check_orgs(p.client, s)
@@ -398,6 +390,7 @@ class Mount:
                     ns.catalog.store = store
                     nursery.start_soon(store.run)
                 changes.attach(p.cache, ns)
+                p.store, p.changes = store, changes
                 # `enosfs refresh` reaches the namespace through this (control.py).
                 control = ControlServer(ns, changes)
                 await control.open()

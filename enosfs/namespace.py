@@ -44,6 +44,8 @@ ROOT_INODE = 1
 # attributes start, so a folder of failing files does not cost a batch per file; its
 # own getattr still asks at once.
 RETRY_SIZE_AFTER = 5.0
+# A walk that asked for a size this recently is taken to want sizes of what is ahead.
+SIZES_WANTED_FOR = 10.0
 
 
 class DirKind(enum.Enum):
@@ -152,6 +154,7 @@ class Namespace:
         self.negative_ttl = settings.negative_ttl
         self.clock = clock
         self.changes: Changes | None = None  # told what a refresh finds changed
+        self.sizes_asked: dict[int, float] = {}  # org folder inode -> last size asked
         self.mount_time_ns = time.time_ns()
         self._inodes = count(ROOT_INODE + 1)
         self.nodes: dict[int, Node] = {}
@@ -407,6 +410,7 @@ class Namespace:
             if dropped is not None and self.clock() - dropped[0] < self.negative_ttl:
                 raise dropped[1].with_traceback(None)
             return await self._file_meta_alone(f)  # named by its id: not in a listing
+        self._sizes_wanted(d)
         batch = d.sizing.get(f.inode) or await self._size_folder(d, f)
         await batch.done.wait()
         err = batch.failed.get(f.inode)
@@ -418,6 +422,31 @@ class Namespace:
         if f.meta is not None and not isinstance(err, (NotFound, BadRecord)):
             return f.meta  # stale but known; the read path checks sizes again
         raise err.with_traceback(None)
+
+    def _sizes_wanted(self, d: Dir) -> None:
+        """A listed file's size was asked for: note it on the organisation, so a walk
+        over it (`ls -lR`, `du`) gets sizes fetched ahead with the listings."""
+        org = d.parent.parent if d.parent is not None else None
+        if org is not None and org.kind is DirKind.ORG:
+            self.sizes_asked[org.inode] = self.clock()
+
+    def sizes_wanted(self, org: Dir) -> bool:
+        """Has a size in this organisation been asked for lately (see walkahead.py)?"""
+        return self.clock() - self.sizes_asked.get(org.inode, float("-inf")) < SIZES_WANTED_FOR
+
+    async def size_folder(self, d: Dir) -> None:
+        """Size the folder's files that need it, as a batch others may join: a walk's
+        read-ahead, before `ls -l` gets there."""
+        if d.children is None:
+            return
+        files = [n for n in d.children.values() if isinstance(n, File) and not self.meta_fresh(n)]
+        waiting = {id(b): b for n in files if (b := d.sizing.get(n.inode)) is not None}
+        todo = [n for n in files if n.inode not in d.sizing]
+        if todo:
+            batch = await self._size_folder(d, todo[0])
+            waiting[id(batch)] = batch
+        for b in waiting.values():
+            await b.done.wait()
 
     async def _size_folder(self, d: Dir, f: File) -> Sizing:
         """Start sizing f and the folder's other files that need it (not those a batch

@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from enosfs.api import EnosClient
     from enosfs.auth import TokenSource
     from enosfs.blocks import BlockCache
+    from enosfs.changes import Changes
     from enosfs.config import Settings
     from enosfs.diskcache import DiskCache
     from enosfs.fs import EnosFS
+    from enosfs.metastore import MetaStore
     from enosfs.transport import LeanTransport
 
 
@@ -39,6 +41,8 @@ class Parts:
     disk: DiskCache | None = None
     fs: EnosFS | None = None
     lean: LeanTransport | None = None
+    store: MetaStore | None = None
+    changes: Changes | None = None
     read_ahead_kb: int | None = None  # the kernel's, read back once the mount is up
 
 
@@ -50,7 +54,16 @@ def snapshot(p: Parts) -> dict[str, Any]:
         "uptime_s": round(time.time() - p.started, 3),
         "time": time.time(),
     }
-    parts: tuple[Reports | None, ...] = (p.client, p.cache, p.disk, p.lean, p.fs, p.tokens)
+    parts: tuple[Reports | None, ...] = (
+        p.client,
+        p.cache,
+        p.disk,
+        p.lean,
+        p.fs,
+        p.tokens,
+        p.store,
+        p.changes,
+    )
     for part in parts:
         if part is not None:
             _merge(doc, part.stats())

@@ -4,7 +4,8 @@ gateway that rate-limits each app.
 A fixed bound is wrong both ways: too low wastes a distant gateway's round trips, too
 high turns a walk over a big organisation into a storm of 429s. So the bound adapts as
 TCP's congestion window does (additive increase, multiplicative decrease): it starts
-modest, grows by one after `limit` calls were answered while it was full, and
+modest, grows by one per answer until the first cut (slow start: it doubles each
+round) and then by one after `limit` calls were answered while it was full, and
 halves when the gateway says "too many" (HTTP 429, or an EnOS rate-limit envelope).
 It halves at most once per round of calls: the answers to calls sent before the last
 cut say nothing the cut has not already acted on. It never goes below 1 nor above the
@@ -146,7 +147,10 @@ class ApiThrottle:
         if self._fills == fills or self.limit >= self.ceiling:
             return
         self._successes += 1
-        if self._successes >= self.limit:
+        # Until the gateway first says "too many", one more per answer (the bound
+        # doubles each round, as TCP's slow start): a walk 40 ms away should not spend
+        # hundreds of calls finding a ceiling the gateway never enforces.
+        if self._successes >= self.limit or not self.decreases:
             self.limit += 1
             self._successes = 0
             self._hand_on()

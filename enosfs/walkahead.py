@@ -11,10 +11,12 @@ doubles while the walk keeps to the order; any other order resets it, so a visit
 goes straight to one asset costs no call for any other.
 
 What is fetched ahead is an ordinary listing of the tree (cached for `metadata_ttl`,
-shared with whoever asks for it next). Foreground first: at most `in_flight` fetches
-run at once, fewer than the connections the client may open, so a request of the user
-never waits for a connection behind them; a fetch that has not started when the user
-gets there finds the listing done by the user, and asks nothing.
+shared with whoever asks for it next). A walk that asks for sizes (`ls -lR`, `du`:
+a size asked in the organisation in the last few seconds) gets the files ahead sized
+too, a folder at a time; one that does not (`find`, `ls -R`) costs no getFileInfo.
+Foreground first: at most `in_flight` fetches run at once, fewer than the API bound
+allows (throttle.py), so a request of the user finds a slot; a fetch that has not
+started when the user gets there finds the listing done by the user, and asks nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ log = logging.getLogger(__name__)
 
 # How many assets ahead a walk in order gets fetched, at most, and with how many
 # listings in flight at once.
-AHEAD = 32
-IN_FLIGHT = 16
+AHEAD = 64
+IN_FLIGHT = 24
 
 
 class WalkAhead:
@@ -93,14 +95,22 @@ class WalkAhead:
         return known[1].get(asset.inode, -1), known[2]
 
     async def _fetch(self, asset: Dir) -> None:
-        """The asset's category listings, as the walk will ask for them."""
+        """The asset's category listings, as the walk will ask for them; and the sizes
+        of their files where the walk asks for sizes (`ls -lR`, `du`), not where it
+        does not (`find`, `ls -R`)."""
         try:
             async with self.limit:
                 categories = await self.ns.children(asset)
+                sizes = asset.parent is not None and self.ns.sizes_wanted(asset.parent)
                 for d in categories.values():
-                    if isinstance(d, Dir) and not self.ns.fresh(d):
+                    if not isinstance(d, Dir):
+                        continue
+                    if not self.ns.fresh(d):
                         await self.ns.children(d)
                         self.counts["listings"] += 1
+                    if sizes:
+                        await self.ns.size_folder(d)
+                        self.counts["sized_folders"] += 1
         except EnosfsError as exc:
             # The walk asks again when it gets there, and reports the failure then.
             log.debug("%s: listing ahead failed: %s", asset.path, exc)

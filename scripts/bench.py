@@ -5,6 +5,9 @@ are cold) unless it is marked warm, and the same workload done by a plain HTTP c
 against the same server gives the limit. Every byte read is checked against the
 reference. Prints a table of values and ratios and writes JSON. Measures; asserts
 nothing.
+
+`--profile scale` measures browsing a big organisation far away instead (a generated
+seed, 40 ms a request, a rate limit): scripts/bench_scale.py.
 """
 
 from __future__ import annotations
@@ -528,7 +531,8 @@ def main() -> int:
     p.add_argument(
         "--url",
         help="a running server loaded with the bench seed "
-        "(see --write-seed); default: start the emulator",
+        "(see --write-seed); default: start the emulator. scale: an emulator started "
+        "with the generated seed, its admin API reachable",
     )
     p.add_argument("--write-seed", metavar="DIR", help="write the bench seed and exit")
     p.add_argument("--data-dir", default=str(Path.home() / ".cache/enosfs/bench-data"))

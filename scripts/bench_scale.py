@@ -26,16 +26,8 @@ from typing import Any
 
 import httpx
 
+from enosfs.emulator import process
 from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
-from enosfs.emulator.process import (
-    MountFailed,
-    is_mounted,
-    mount_in_background,
-    start_emulator,
-    stop_process,
-    unmount_and_wait,
-    wait_mounted,
-)
 from enosfs.signature import token_signature
 
 MiB = 1024 * 1024
@@ -317,19 +309,19 @@ class ScaleBench:
         )
         log = where / "mount.log"
         with log.open("wb") as logf:
-            proc = mount_in_background(
+            proc = process.mount_in_background(
                 cfg, mnt, DEMO_APP_SECRET, "--log-level", "warning", stderr=logf
             )
             m = ScaleMount(proc, mnt, log)
             try:
-                wait_mounted(mnt, proc)
+                process.wait_mounted(mnt, proc)
                 m.baseline_rss = _proc_status(proc.pid, "VmRSS:")
                 self.baseline_rss.append(m.baseline_rss)
                 yield m
             finally:
                 self.rss.append((m.peak_rss(), row))
-                unmount_and_wait(mnt, proc)
-                if is_mounted(mnt):  # a walk left hanging: let the kernel drop it
+                process.unmount_and_wait(mnt, proc)
+                if process.is_mounted(mnt):  # a walk left hanging: let the kernel drop it
                     subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, timeout=30)
 
     def page_time(self) -> float:
@@ -405,7 +397,7 @@ class ScaleBench:
         print(f"bench: {row.key}. {row.name} ...", flush=True)
         try:
             fn(row)
-        except MountFailed as exc:
+        except process.MountFailed as exc:
             row.status = "FAILED"
             row.extra["error"] = str(exc)[:300]
         finally:
@@ -661,7 +653,7 @@ def run(
     try:
         if url is None:
             print(f"bench: starting the emulator with {seed_spec(devices)}", flush=True)
-            emulator, url = start_emulator(work / "emulator", seed_spec(devices))
+            emulator, url = process.start_emulator(work / "emulator", seed_spec(devices))
         bench = ScaleBench(Gateway(url), work, devices, timeout, config_extra)
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         bench.run(chosen)
@@ -684,5 +676,5 @@ def run(
         return 0 if all(r.result == "ok" for r in bench.rows) else 1
     finally:
         if emulator is not None:
-            stop_process(emulator)
+            process.stop_process(emulator)
         shutil.rmtree(work, ignore_errors=True)

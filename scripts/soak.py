@@ -32,15 +32,8 @@ from typing import Any
 import httpx
 
 from enosfs.cli import default_demo_dir
+from enosfs.emulator import process
 from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
-from enosfs.emulator.process import (
-    MountFailed,
-    mount_in_background,
-    start_emulator,
-    stop_process,
-    unmount_and_wait,
-    wait_mounted,
-)
 from enosfs.naming import feature_file_name, firmware_file_name
 
 DEADLINE = 3.0  # the mount's network.timeout during the soak
@@ -284,7 +277,7 @@ def main() -> int:
     mnt = work / "mnt"
     mnt.mkdir()
     print("soak: starting the emulator", flush=True)
-    emu, url = start_emulator(data_dir)
+    emu, url = process.start_emulator(data_dir)
     mount = None
     try:
         cfg = work / "soak.toml"
@@ -294,10 +287,12 @@ def main() -> int:
             f'metadata_ttl = "2s"\n[network]\ntimeout = "{DEADLINE}s"\n'
         )
         log = work / "mount.log"
-        mount = mount_in_background(cfg, mnt, DEMO_APP_SECRET, "--log-file", str(log), stdout=None)
+        mount = process.mount_in_background(
+            cfg, mnt, DEMO_APP_SECRET, "--log-file", str(log), stdout=None
+        )
         try:
-            wait_mounted(mnt, mount)
-        except MountFailed:
+            process.wait_mounted(mnt, mount)
+        except process.MountFailed:
             print("soak: the mount did not start", file=sys.stderr)
             return 1
         print(f"soak: {args.readers} readers for {args.seconds:.0f}s, faults switching", flush=True)
@@ -306,8 +301,8 @@ def main() -> int:
         alive = mount.poll() is None
     finally:
         if mount is not None:
-            unmount_and_wait(mnt, mount)
-        stop_process(emu)
+            process.unmount_and_wait(mnt, mount)
+        process.stop_process(emu)
     text = log.read_text(errors="replace")
     retries = re.findall(r'"retries": (\d+)', text)
     caught = re.findall(r'"integrity_failures": (\d+)', text)

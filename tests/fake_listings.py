@@ -17,7 +17,6 @@ once, so a test can see a concurrency bound hold.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import trio
 from enosfs.api import BadRecord, Device, FileFeatures, FileMeta, FileRef, Firmware
 from enosfs.errors import DeadlineError, Denied, NotFound, RateLimited
 from enosfs.naming import uri_id
+from tests.fake_source import take
 
 ORG = "o00000000000000001"
 FAULT_KINDS = ("deny", "missing", "rate_limit", "bad_record", "latency")
@@ -284,15 +284,4 @@ class FakeListings:
             self._in_flight[kind] -= 1
 
     def _take(self, kind: str, about: tuple[str, ...]) -> list[ApiFault]:
-        """The faults this call gets, each counted as fired."""
-        got = []
-        for fault in self.faults:
-            if not fnmatch.fnmatchcase(kind, fault.match):
-                continue
-            if fault.about is not None and fault.about not in about:
-                continue
-            if fault.times is not None and fault.fired >= fault.times:
-                continue
-            fault.fired += 1
-            got.append(fault)
-        return got
+        return take(self.faults, kind, about)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -64,6 +65,34 @@ class Fault:
             raise ValueError(f"unknown fault kind {self.kind!r}")
         if self.kind == "trickle" and self.rate <= 0:
             raise ValueError("a trickle needs rate > 0 (bytes per second)")
+
+
+class Scripted(Protocol):
+    """A scripted fault as take() sees it: which calls it is for, and how often."""
+
+    match: str
+    times: int | None
+    fired: int
+
+
+S = TypeVar("S", bound=Scripted)
+
+
+def take(faults: list[S], kind: str, about: tuple[str, ...] = ()) -> list[S]:
+    """The faults a call of this kind gets, each counted as fired. A fault naming what it
+    is `about` (an asset, a fileUri...) fires only for calls about that."""
+    got = []
+    for fault in faults:
+        if not fnmatch.fnmatchcase(kind, fault.match):
+            continue
+        target = getattr(fault, "about", None)
+        if target is not None and target not in about:
+            continue
+        if fault.times is not None and fault.fired >= fault.times:
+            continue
+        fault.fired += 1
+        got.append(fault)
+    return got
 
 
 @dataclass
@@ -224,16 +253,7 @@ class FakeSource:
     # -- inside ------------------------------------------------------------------------
 
     def _take(self, kind: str) -> list[Fault]:
-        """The faults this request gets, each counted as fired."""
-        got = []
-        for fault in self.faults:
-            if not fnmatch.fnmatchcase(kind, fault.match):
-                continue
-            if fault.times is not None and fault.fired >= fault.times:
-                continue
-            fault.fired += 1
-            got.append(fault)
-        return got
+        return take(self.faults, kind)
 
     async def _answer(self, faults: list[Fault], what: str) -> None:
         """Wait and fail as the open-time faults say, within the call's deadline."""

@@ -400,16 +400,15 @@ async def test_a_file_changed_between_two_requests_is_estale_never_mixed(
 # -- the real client against the emulator ----------------------------------------------
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "httpx"])
 async def test_a_body_the_server_breaks_off_is_resumed_through_the_real_client(
-    emu: Emulator, lean: bool, caplog: pytest.LogCaptureFixture
+    emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client turns a broken connection into an enosfs error (never an httpx one),
-    on either transport, and the cache resumes from it."""
+    and the cache resumes from it."""
     caplog.set_level(logging.DEBUG, logger="enosfs.blocks")
     uri = demo_files(emu)[BIG]
     ref = FileRef(emu.org, "WTG-001", "feature", uri)
-    async with client_for(emu, lean=lean) as client:
+    async with client_for(emu) as client:
         async with cache_on(client, block_size=1 * MiB, budget=64 * MiB) as cache:
             f = await cached(client, ref)
             emu.reset_stats()

@@ -34,12 +34,12 @@ from tests.support import Emulator, demo_files, emulator, free_port
 
 @asynccontextmanager
 async def client_for(
-    emu: Emulator, secret: str | None = None, timeout: float = 10, lean: bool = True
+    emu: Emulator, secret: str | None = None, timeout: float = 10
 ) -> AsyncIterator[EnosClient]:
-    """A client as a mount makes it; lean=False keeps file bodies on httpx's transport."""
+    """A client as a mount makes it: API calls and file bodies on one lean transport."""
     settings = emu.settings()
     policy = RetryPolicy(timeout=timeout)
-    transport = lean_transport(settings) if lean else None
+    transport = lean_transport(settings)
     async with http_client(settings, transport) as http:
         tokens = TokenSource(
             http,

@@ -241,6 +241,34 @@ async def test_a_walk_in_listing_order_gets_the_next_assets_listed_ahead(
         assert fake.counts["files.getFileInfo"] == 0
 
 
+async def test_a_walk_that_asks_for_sizes_gets_the_next_assets_sized_ahead(
+    autojump_clock: MockClock,
+) -> None:
+    """`ls -lR`: every file of a folder is stat'ed after its listing; from the third
+    asset on, the sizes are there before the walk asks."""
+    async with walking(100) as (fake, ns, ahead, org):
+        assets = [d for _, d in sorted((await ns.children(org)).items())]
+        waited: list[str] = []
+        files = 0
+        started = trio.current_time()
+        for asset in assets:
+            assert isinstance(asset, Dir)
+            await visit(fake, ns, ahead, asset)
+            for d in (await ns.children(asset)).values():
+                assert isinstance(d, Dir)
+                for f in (await ns.children(d)).values():
+                    assert isinstance(f, File)
+                    files += 1
+                    if not ns.meta_fresh(f):
+                        waited.append(asset.name)
+                    assert (await ns.file_meta(f)).size is not None
+        took = trio.current_time() - started
+        assert fake.counts["files.getFileInfo"] == files  # each sized once
+        assert len(set(waited)) <= 0.25 * len(assets), waited  # the walk here costs no time
+        assert took < len(assets) * LATENCY / 4
+        assert ahead.counts["sized_folders"] > 0
+
+
 async def test_a_random_visit_lists_no_other_asset(autojump_clock: MockClock) -> None:
     async with walking(50) as (fake, ns, ahead, org):
         children = await ns.children(org)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from enosfs.metastore import FILE_NAME
-from tests.support import Emulator, demo_files, emulator, mounted, run
+from tests.support import Emulator, demo_files, emulator, mounted, run, stats_of
 
 pytestmark = pytest.mark.mount
 
@@ -46,6 +46,8 @@ def test_a_remount_walks_the_org_with_no_call(emu: Emulator, work: Path) -> None
         emu.reset_stats()
         after = walk(m.org)
         assert listing_calls(emu) == {}
+        kept = stats_of(m.path)["metadata_store"]
+        assert kept["enabled"] and kept["loaded"] >= len(demo_files(emu)), kept
     assert after == before
 
 

@@ -105,6 +105,16 @@ async def test_a_429_halves_the_limit_once_per_round(autojump_clock: MockClock) 
         assert throttle.limit == expected
 
 
+async def test_before_any_429_it_doubles_each_round(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(64)
+    await calls(throttle, START)  # one round with the bound full: one more per answer
+    assert throttle.limit == 2 * START
+    await calls(throttle, 2 * START)
+    assert throttle.limit == 4 * START
+    await calls(throttle, 1000)
+    assert throttle.limit == 64
+
+
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
     autojump_clock: MockClock,
 ) -> None:
@@ -127,10 +137,10 @@ async def test_an_error_envelope_is_an_answer_and_a_timeout_is_not(
 ) -> None:
     throttle = ApiThrottle(8, start=2)
     await calls(throttle, 2, fail=NotFound(99404, "no such device"))
-    assert throttle.limit == 3
+    assert throttle.limit == 4  # slow start: one more per answer
     with pytest.raises(TransportError):
         await call(throttle, fail=TransportError("reset"))
-    assert throttle.limit == 3 and throttle.decreases == 0
+    assert throttle.limit == 4 and throttle.decreases == 0
 
 
 async def test_calls_one_after_another_do_not_grow_it(autojump_clock: MockClock) -> None:
@@ -202,10 +212,11 @@ async def test_a_file_body_takes_no_slot_but_heeds_the_gateway(
     throttle = ApiThrottle(8, start=2)
     async with throttle.slot(), throttle.slot(), throttle.passage():
         assert throttle.in_use == 2  # the bound is full, the body still goes
+    before = throttle.limit
     with pytest.raises(RateLimited):
         async with throttle.passage():
             raise limited(retry_after=2)
-    assert throttle.limit == 1 and throttle.rate_limited == 1
+    assert throttle.limit == before // 2 and throttle.rate_limited == 1
     told = trio.current_time()
     async with throttle.passage():
         assert trio.current_time() >= told + 2

@@ -4,19 +4,25 @@ idle connections."""
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from enosfs.transport import LeanTransport
+from tests.test_faults import make_cert
 
 BODY = bytes(range(256)) * 4000  # ~1 MB
 
 
-async def _answer(stream: trio.SocketStream, head: bytes) -> None:
+async def _answer(stream: trio.abc.Stream, head: bytes) -> None:
     path = head.split(b" ", 2)[1]
     if path == b"/chunked":
         parts = [BODY[:1000], BODY[1000:700_000], BODY[700_000:]]
@@ -31,6 +37,13 @@ async def _answer(stream: trio.SocketStream, head: bytes) -> None:
     elif path == b"/close":
         await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY)
         raise EOFError  # close after the body
+    elif path == b"/two-lengths":
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+        )
+    elif path == b"/length-and-chunked":
+        out = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        await stream.send_all(out + b"5\r\nhello\r\n0\r\n\r\n")
     elif path == b"/once":
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         raise EOFError  # the server drops the connection it said it would keep
@@ -39,10 +52,10 @@ async def _answer(stream: trio.SocketStream, head: bytes) -> None:
 
 
 @asynccontextmanager
-async def raw_server() -> AsyncIterator[tuple[int, list[int]]]:
+async def raw_server(tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[int, list[int]]]:
     connections: list[int] = []
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.abc.Stream) -> None:
         connections.append(1)
         buf = b""
         try:
@@ -57,11 +70,18 @@ async def raw_server() -> AsyncIterator[tuple[int, list[int]]]:
         except (EOFError, trio.BrokenResourceError):
             pass
         finally:
-            await stream.aclose()
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+        serve: partial[Any] = (
+            partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            if tls is None
+            else partial(trio.serve_ssl_over_tcp, handler, 0, tls, host="127.0.0.1")
+        )
+        listeners = await nursery.start(serve)
+        sock = listeners[0].socket if tls is None else listeners[0].transport_listener.socket
+        port = sock.getsockname()[1]
         yield port, connections
         nursery.cancel_scope.cancel()
 
@@ -101,3 +121,39 @@ async def test_connections_are_reused_and_dead_ones_replaced() -> None:
         await trio.sleep(0.05)
         assert (await c.get(f"{base}/plain")).content == BODY
         assert len(conns) == 2
+
+
+async def test_ambiguous_lengths_are_refused() -> None:
+    """Two Content-Lengths, or one with chunked: either reading could serve another
+    answer's bytes as this one's, so none is served."""
+    async with raw_server() as (port, _), httpx.AsyncClient(transport=LeanTransport()) as c:
+        for path in ("/two-lengths", "/length-and-chunked"):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await c.get(f"http://127.0.0.1:{port}{path}")
+        assert (await c.get(f"http://127.0.0.1:{port}/early")).content == b"hello"
+
+
+async def test_tls_bodies_are_decrypted_into_the_callers_buffer(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    async with raw_server(server) as (port, conns):
+        base = f"https://127.0.0.1:{port}"
+        lean = LeanTransport(verify=str(cert))
+        async with httpx.AsyncClient(transport=lean) as c:
+            for path in ("/plain", "/chunked"):
+                async with c.stream("GET", base + path) as r:
+                    readinto = r.extensions["readinto"]
+                    buf = bytearray(len(BODY))
+                    got = 0
+                    while n := await readinto(memoryview(buf)[got:]):
+                        got += n
+                    assert bytes(buf[:got]) == BODY
+            assert (await c.get(f"{base}/close")).content == BODY
+        assert lean.counts["tls_recv_into"] >= len(BODY) // 16384
+        assert len(conns) == 2  # kept alive across the first two
+
+        # The system's trust store does not know this certificate: no connection.
+        async with httpx.AsyncClient(transport=LeanTransport()) as c:
+            with pytest.raises(httpx.ConnectError, match="certificate"):
+                await c.get(f"{base}/plain")

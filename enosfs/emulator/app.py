@@ -414,6 +414,18 @@ class Emulator:
             return failure(99400, "Invalid Argument orgId: orgId does not exist")
         return org
 
+    async def enter(self, request: Request, service: str) -> tuple[str, Org] | Response:
+        """An API call's action and organisation, once the gate lets it through: what
+        every service's handler starts with."""
+        action = request.query_params.get("action", "")
+        blocked = await self.gate(request, f"{service}.{action}")
+        if blocked is not None:
+            return blocked
+        org = self.org(request)
+        if isinstance(org, Response):
+            return org
+        return action, org
+
     def device(self, org: Org, request: Request) -> Device | Response:
         q = request.query_params
         if q.get("assetId"):
@@ -579,8 +591,9 @@ class Emulator:
         for t in [t for t, i in self.tokens.items() if i.expires_at <= now]:
             del self.tokens[t]
 
-    async def token_get(self, request: Request) -> Response:
-        blocked = await self.gate(request, "token.get", auth=False)
+    async def _signed(self, request: Request, kind: str) -> tuple[dict[str, Any], str] | Response:
+        """A token request's body and its app key, once the gate and the signature pass."""
+        blocked = await self.gate(request, kind, auth=False)
         if blocked is not None:
             return blocked
         body = await self.json_body(request)
@@ -589,6 +602,13 @@ class Emulator:
         checked = self._check_signature(body)
         if isinstance(checked, Response):
             return checked
+        return body, checked
+
+    async def token_get(self, request: Request) -> Response:
+        signed = await self._signed(request, "token.get")
+        if isinstance(signed, Response):
+            return signed
+        _, checked = signed
         self._forget_expired()
         now = time.monotonic()
         for token, issued in self.tokens.items():
@@ -598,15 +618,10 @@ class Emulator:
         return self._issue(checked)
 
     async def token_refresh(self, request: Request) -> Response:
-        blocked = await self.gate(request, "token.refresh", auth=False)
-        if blocked is not None:
-            return blocked
-        body = await self.json_body(request)
-        if isinstance(body, Response):
-            return self._token_answer(1004, "invalid parameter")
-        checked = self._check_signature(body)
-        if isinstance(checked, Response):
-            return checked
+        signed = await self._signed(request, "token.refresh")
+        if isinstance(signed, Response):
+            return signed
+        body, checked = signed
         old = self.tokens.get(str(body.get("accessToken", "")))
         if old is None or old.app_key != checked or old.expires_at <= time.monotonic():
             return self._token_answer(1203, "access token expired")
@@ -627,14 +642,10 @@ class Emulator:
         return blob
 
     async def files(self, request: Request) -> Response:
-        action = request.query_params.get("action")
-        kind = f"files.{action}"
-        blocked = await self.gate(request, kind)
-        if blocked is not None:
-            return blocked
-        org = self.org(request)
-        if isinstance(org, Response):
-            return org
+        entered = await self.enter(request, "files")
+        if isinstance(entered, Response):
+            return entered
+        action, org = entered
         device = self.device(org, request)
         if isinstance(device, Response):
             return device
@@ -703,13 +714,10 @@ class Emulator:
     # -- integration (upload) ------------------------------------------------------------
 
     async def integration(self, request: Request) -> Response:
-        action = request.query_params.get("action", "")
-        blocked = await self.gate(request, f"integration.{action}")
-        if blocked is not None:
-            return blocked
-        org = self.org(request)
-        if isinstance(org, Response):
-            return org
+        entered = await self.enter(request, "integration")
+        if isinstance(entered, Response):
+            return entered
+        action, org = entered
         kinds = {
             "postAttribute": "attributes",
             "postMeasurepoint": "measurepoints",
@@ -801,13 +809,10 @@ class Emulator:
         }
 
     async def devices(self, request: Request) -> Response:
-        action = request.query_params.get("action", "")
-        blocked = await self.gate(request, f"devices.{action}")
-        if blocked is not None:
-            return blocked
-        org = self.org(request)
-        if isinstance(org, Response):
-            return org
+        entered = await self.enter(request, "devices")
+        if isinstance(entered, Response):
+            return entered
+        action, org = entered
         if action == "get":
             d = self.device(org, request)
             if isinstance(d, Response):
@@ -861,13 +866,10 @@ class Emulator:
         )
 
     async def thing_models(self, request: Request) -> Response:
-        action = request.query_params.get("action", "")
-        blocked = await self.gate(request, f"thing-models.{action}")
-        if blocked is not None:
-            return blocked
-        org = self.org(request)
-        if isinstance(org, Response):
-            return org
+        entered = await self.enter(request, "thing-models")
+        if isinstance(entered, Response):
+            return entered
+        action, org = entered
         if action != "get":
             return failure(99400, f"Invalid Argument action: {action}")
         model = org.models.get(request.query_params.get("modelId", ""))
@@ -911,13 +913,10 @@ class Emulator:
         return envelope(doc)
 
     async def measurepoints(self, request: Request) -> Response:
-        action = request.query_params.get("action", "")
-        blocked = await self.gate(request, f"measurepoints.{action}")
-        if blocked is not None:
-            return blocked
-        org = self.org(request)
-        if isinstance(org, Response):
-            return org
+        entered = await self.enter(request, "measurepoints")
+        if isinstance(entered, Response):
+            return entered
+        action, org = entered
         if action != "queryLatest":
             return failure(99400, f"Invalid Argument action: {action}")
         d = self.device(org, request)
@@ -958,13 +957,10 @@ class Emulator:
         }
 
     async def firmwares(self, request: Request) -> Response:
-        action = request.query_params.get("action", "")
-        blocked = await self.gate(request, f"ota-firmwares.{action}")
-        if blocked is not None:
-            return blocked
-        org = self.org(request)
-        if isinstance(org, Response):
-            return org
+        entered = await self.enter(request, "ota-firmwares")
+        if isinstance(entered, Response):
+            return entered
+        action, org = entered
         if action == "get":
             f = org.firmwares.get(request.query_params.get("firmwareId", ""))
             if f is None:
