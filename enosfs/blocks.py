@@ -369,7 +369,14 @@ class BlockCache:
         if key in self.lru:
             return True
         flight = self.flights.get(key)
-        return flight is not None and flight.error is None and flight.covered(lo, hi)
+        # Bytes that landed but are held (the block is checked once whole) are not
+        # here yet: a reader would wait for the rest of the block.
+        return (
+            flight is not None
+            and flight.error is None
+            and not flight.hold
+            and flight.covered(lo, hi)
+        )
 
     def _fail_fast(self, f: CachedFile, spans: list[tuple[int, int, int]]) -> None:
         """Fail at once where a block's fetch failed (or a reader gave up on it) less

@@ -36,13 +36,13 @@ import httpx
 from enosfs.emulator.process import (
     MountFailed,
     mount_in_background,
+    plain_token,
     start_emulator,
     stop_process,
     unmount_and_wait,
     wait_mounted,
 )
 from enosfs.emulator.state import generated_bytes
-from enosfs.signature import token_signature
 
 MiB = 1024 * 1024
 ORG, APP_KEY, APP_SECRET = "o-bench", "bench-app", "bench-secret"
@@ -101,17 +101,8 @@ class Server:
     uris: dict[str, str] = field(default_factory=dict)  # path under org -> fileUri
 
     def get_token(self) -> None:
-        ts = int(time.time() * 1000)
-        r = httpx.post(
-            f"{self.url}/apim-token-service/v2.0/token/get",
-            json={
-                "appKey": APP_KEY,
-                "timestamp": ts,
-                "encryption": token_signature(APP_KEY, ts, APP_SECRET),
-            },
-            timeout=30,
-        )
-        self.token = r.json()["data"]["accessToken"]
+        with httpx.Client() as c:
+            self.token = plain_token(c, self.url, APP_KEY, APP_SECRET)
 
     def discover(self) -> None:
         h = {"apim-accesstoken": self.token}

@@ -28,7 +28,6 @@ import httpx
 
 from enosfs.emulator import process
 from enosfs.emulator.demo import DEMO_APP_KEY, DEMO_APP_SECRET, DEMO_ORG
-from enosfs.signature import token_signature
 
 MiB = 1024 * 1024
 FILES_PER_DEVICE = 4  # attrs=2 + points=1 + firmware=1 of the device's product
@@ -105,15 +104,7 @@ class Gateway:
         """The floor of a cold walk: one device-search page (200 devices, the most the
         API gives) by a plain client on a warm connection, median of three."""
         with httpx.Client(timeout=60) as c:
-            ts = int(time.time() * 1000)
-            token = c.post(
-                f"{self.url}/apim-token-service/v2.0/token/get",
-                json={
-                    "appKey": DEMO_APP_KEY,
-                    "timestamp": ts,
-                    "encryption": token_signature(DEMO_APP_KEY, ts, DEMO_APP_SECRET),
-                },
-            ).json()["data"]["accessToken"]
+            token = process.plain_token(c, self.url, DEMO_APP_KEY, DEMO_APP_SECRET)
 
             def page() -> None:
                 c.post(

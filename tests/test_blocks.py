@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -321,6 +322,26 @@ async def test_a_trickle_that_starts_late_does_not_extend_the_readers_wait(
         with pytest.raises(DeadlineError):
             await cache.read(f, 0, 4096)
         assert trio.current_time() - started < cache.wait_limit + LIVE / 2
+
+
+async def test_the_retry_of_a_timed_out_read_of_a_checked_file_fails_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    """Once a file's whole reading matched, a block's bytes are held until the block is
+    whole and checked: bytes that landed but are held are not "here" for the kernel's
+    retry of a read that ran out of time, which must fail at once, not wait again."""
+    fake = FakeSource(timeout=3)
+    want = some_bytes(3 * MiB)
+    async with cache_on(fake, block_size=1 * MiB, whole_file_limit=0, min_speed=8192) as cache:
+        f = await cached(fake, fake.add(want))
+        await cache.matched(f, [zlib.crc32(want[i : i + MiB]) for i in range(0, len(want), MiB)])
+        fake.faults.append(Fault("trickle", rate=1000))
+        with pytest.raises(DeadlineError):
+            await cache.read(f, 1 * MiB, 100)
+        retried = trio.current_time()
+        with pytest.raises(DeadlineError):  # its first 100 bytes landed, held
+            await cache.read(f, 1 * MiB, 100, no_wait=True)
+        assert trio.current_time() == retried
 
 
 async def test_a_slow_answer_within_the_deadline_is_waited_for(autojump_clock: MockClock) -> None:

@@ -115,6 +115,55 @@ async def test_before_any_429_it_doubles_each_round(autojump_clock: MockClock) -
     assert throttle.limit == 64
 
 
+class Gateway:
+    """A gateway 40 ms away that takes at most `per_second` calls in any second (a
+    sliding window, as the emulator's) and answers the rest 429 with Retry-After: 1."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.admitted: list[float] = []
+        self.refused: list[float] = []
+        self.seen: list[float] = []
+
+    async def call(self, throttle: ApiThrottle) -> None:
+        for _ in range(100):
+            try:
+                async with throttle.slot():
+                    now = trio.current_time()
+                    self.seen.append(now)
+                    recent = [t for t in self.admitted if now - t < 1.0]
+                    if len(recent) >= self.per_second:
+                        self.refused.append(now)
+                        raise limited(retry_after=1)
+                    self.admitted.append(now)
+                    await trio.sleep(0.04)
+                    return
+            except RateLimited:
+                continue  # as retry.py does: the bound itself waits out Retry-After
+        raise AssertionError("a call never got through")
+
+    def busiest_second(self, since: float) -> int:
+        return max(
+            sum(1 for u in self.seen if t <= u < t + 1.0) for t in self.seen if t >= since
+        )
+
+
+async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
+    autojump_clock: MockClock,
+) -> None:
+    """Halving at each round of 429s and waiting out Retry-After keep what the gateway
+    sees, refused calls included, near its limit in any second after the first 429,
+    and the refused calls few."""
+    throttle = ApiThrottle(32)
+    gateway = Gateway(50)
+    async with trio.open_nursery() as nursery:
+        for _ in range(1500):
+            nursery.start_soon(gateway.call, throttle)
+    assert len(gateway.admitted) == 1500
+    assert gateway.busiest_second(since=gateway.refused[0] + 2) <= 55
+    assert len(gateway.refused) < 150  # no storm of retries
+
+
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
     autojump_clock: MockClock,
 ) -> None:

@@ -20,8 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import httpx
+
 from enosfs.config import SECRET_ENV
 from enosfs.errors import EnosfsError
+from enosfs.signature import token_signature
 
 START_TIMEOUT = 180.0  # the first demo run builds its data before serving
 MOUNT_TIMEOUT = 60.0
@@ -166,3 +169,20 @@ def unmount_and_wait(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def plain_token(client: httpx.Client, url: str, app_key: str, app_secret: str) -> str:
+    """An access token asked for as any plain client would: what the bench's reference
+    requests carry."""
+    ts = int(time.time() * 1000)
+    r = client.post(
+        f"{url}/apim-token-service/v2.0/token/get",
+        json={
+            "appKey": app_key,
+            "timestamp": ts,
+            "encryption": token_signature(app_key, ts, app_secret),
+        },
+        timeout=30,
+    )
+    r.raise_for_status()
+    return str(r.json()["data"]["accessToken"])
