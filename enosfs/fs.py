@@ -118,10 +118,11 @@ class Handle:
 
 class EnosFS(pyfuse3.Operations):
     enable_writeback_cache = False
-    # With POSIX ACLs on, the kernel caches each inode's (absent) ACL instead of asking
-    # us for system.posix_acl_access on every `ls -l` of every file. default_permissions
-    # still checks mode bits, and no file here has an ACL.
-    enable_acl = True
+    # No POSIX ACLs: default_permissions checks mode bits, and getxattr answers ACLs
+    # and labels "not supported" (see getxattr). With ACLs on, the kernel forgot each
+    # inode's (absent) ACL whenever a listing refreshed its attributes and asked us
+    # again for every entry of every `ls -l`.
+    enable_acl = False
 
     def __init__(
         self,
@@ -571,7 +572,11 @@ class EnosFS(pyfuse3.Operations):
     async def getxattr(
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> bytes:
-        # `ls -l` asks every file for security.selinux: answer that kind fast.
+        # `ls -l` asks every entry for its SELinux label and its ACL. Neither is
+        # supported here, and saying so (ENOTSUP, not "this one has none") lets ls
+        # stop asking for the rest of the mount: a round trip or two less an entry.
+        if name.startswith((b"security.", b"system.", b"trusted.")):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         if not name.startswith(XATTR_PREFIX_B):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return await self._getxattr(inode, name)

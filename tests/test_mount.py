@@ -167,6 +167,17 @@ def test_xattrs_through_the_kernel(emu: Emulator, work: Path) -> None:
         )
         assert os.getxattr(path, "user.enos.original_name") == b"wtg-001-model.json"
         assert "user.enos.md5" in os.listxattr(path)
+        # Labels and ACLs are not supported, which lets `ls -l` stop asking for them
+        # (coreutils remembers ENOTSUP per device); other user attributes are absent.
+        for name, err in (
+            ("security.selinux", errno.EOPNOTSUPP),
+            ("system.posix_acl_access", errno.EOPNOTSUPP),
+            ("user.other", errno.ENODATA),
+        ):
+            with pytest.raises(OSError) as info:
+                os.getxattr(path, name)
+            assert info.value.errno == err, name
+        assert path.read_bytes()  # permissions are the mode bits'
 
 
 def test_a_read_that_spans_token_expiry_succeeds(demo_emu: Emulator, work: Path) -> None:
