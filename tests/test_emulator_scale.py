@@ -352,6 +352,8 @@ def test_rate_limit_answers_429_then_serves_again(tmp_path: Path) -> None:
         assert wait >= 1
         stats = emu.stats()
         assert stats["ratelimit.429"] == len(refused)
+        # A refused call came after 5 admitted in its second: the gateway saw 6 then.
+        assert emu.admin("GET", "stats")["rate_limit"]["peak_seen"] >= 6
         assert stats["thing-models.get"] == 20
         # Another app has its own allowance, at once.
         with api(emu, "other-app", "other-secret") as other:
@@ -368,3 +370,7 @@ def test_rate_limit_window_slides() -> None:
     assert limit.admit("b", now=0.9) is None
     assert limit.admit("a", now=1.0) is None
     assert RateLimit.from_spec("120/min").window == 60.0
+    # What the gateway saw in its busiest second, refused calls included, per app.
+    assert limit.peak_seen == 3  # a's calls at 0.5, 0.9 and 1.0
+    limit.reset_peak()
+    assert limit.peak_seen == 0

@@ -151,9 +151,9 @@ class Gateway:
 async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
     autojump_clock: MockClock,
 ) -> None:
-    """Halving at each round of 429s and waiting out Retry-After keep what the gateway
-    sees, refused calls included, near its limit in any second after the first 429,
-    and the refused calls few."""
+    """After the first 429 the bound paces calls at the rate the gateway took, so what
+    the gateway sees, refused calls included, stays near its limit in any second and
+    the refused calls are few."""
     throttle = ApiThrottle(32)
     gateway = Gateway(50)
     async with trio.open_nursery() as nursery:
@@ -161,7 +161,9 @@ async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
             nursery.start_soon(gateway.call, throttle)
     assert len(gateway.admitted) == 1500
     assert gateway.busiest_second(since=gateway.refused[0] + 2) <= 55
-    assert len(gateway.refused) < 150  # no storm of retries
+    # No storm of retries: once the gateway's rate is known, calls are paced to it.
+    assert len(gateway.refused) <= 10
+    assert throttle.rate is not None and 40 <= throttle.rate <= 60
 
 
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(

@@ -456,10 +456,19 @@ class Emulator:
         return JSONResponse({"ok": True})
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse({"requests": dict(self.counts)})
+        doc: dict[str, Any] = {"requests": dict(self.counts)}
+        if self.rate_limit is not None:
+            # The most calls (refused ones included) one app made in any window.
+            doc["rate_limit"] = {
+                "limit": self.rate_limit.describe(),
+                "peak_seen": self.rate_limit.peak_seen,
+            }
+        return JSONResponse(doc)
 
     async def stats_reset(self, request: Request) -> Response:
         self.counts.clear()
+        if self.rate_limit is not None:
+            self.rate_limit.reset_peak()
         return JSONResponse({"ok": True})
 
     async def set_switches(self, request: Request) -> Response:

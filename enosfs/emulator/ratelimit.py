@@ -28,6 +28,10 @@ class RateLimit:
         self.calls = calls
         self.window = window
         self.admitted: dict[str, deque[float]] = {}
+        # Every call of an app, refused ones too, and the most seen in any window: what
+        # "the gateway saw at most N a second" means, measured where it happens.
+        self.seen: dict[str, deque[float]] = {}
+        self.peak_seen = 0
 
     @classmethod
     def from_spec(cls, spec: str) -> RateLimit:
@@ -44,13 +48,25 @@ class RateLimit:
     def admit(self, app: str, now: float | None = None) -> float | None:
         """None if the call may go on, else the seconds until the window lets one in."""
         now = time.monotonic() if now is None else now
-        seen = self.admitted.setdefault(app, deque())
-        while seen and seen[0] <= now - self.window:
-            seen.popleft()
-        if len(seen) >= self.calls:
-            return seen[0] + self.window - now
-        seen.append(now)
+        calls = _slid(self.seen.setdefault(app, deque()), now, self.window)
+        calls.append(now)
+        self.peak_seen = max(self.peak_seen, len(calls))
+        admitted = _slid(self.admitted.setdefault(app, deque()), now, self.window)
+        if len(admitted) >= self.calls:
+            return admitted[0] + self.window - now
+        admitted.append(now)
         return None
+
+    def reset_peak(self) -> None:
+        self.seen.clear()
+        self.peak_seen = 0
+
+
+def _slid(times: deque[float], now: float, window: float) -> deque[float]:
+    """The times still inside the window that ends now."""
+    while times and times[0] <= now - window:
+        times.popleft()
+    return times
 
 
 def retry_after(wait: float) -> str:
