@@ -285,6 +285,9 @@ class TokenSource:
             if (
                 not isinstance(value, str)
                 or not value
+                # It goes into a header of every request: visible ASCII only, so no
+                # error about a bad header ever has a reason to show it.
+                or not all(33 <= ord(c) < 127 for c in value)
                 or isinstance(expire, bool)
                 or not isinstance(expire, int | float)
             ):

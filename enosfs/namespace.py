@@ -489,6 +489,12 @@ class Namespace:
                     if isinstance(outcome, (NotFound, BadRecord)):
                         gone.append(n)
             self._drop(d, gone, batch)
+        except Exception:
+            # A bug, not a server fault: it runs in the mount's nursery, which it must
+            # not take down. Its callers get an error, said once here.
+            log.exception("%s: sizing failed unexpectedly", d.path)
+            for n in files:
+                batch.failed.setdefault(n.inode, TransportError(f"{d.path}: sizing failed"))
         finally:
             for n in files:
                 if d.sizing.get(n.inode) is batch:

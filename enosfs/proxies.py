@@ -55,6 +55,10 @@ def parse_proxy(value: str, var: str) -> Proxy:
         port = parts.port
     except ValueError:
         raise ConfigError(f"{var} is not a proxy URL") from None
+    if "@" in value.split("://", 1)[1] and "@" not in parts.netloc:
+        # A '/', '?' or '#' in the credentials cut them short: what is left would be
+        # taken for the host, and shown in the log.
+        raise ConfigError(f"{var}: percent-encode the user name and password in it")
     if parts.scheme.lower() != "http":
         raise ConfigError(
             f"{var}: only http:// proxies are supported (CONNECT carries https), "

@@ -390,10 +390,22 @@ def _request(method: bytes, target: bytes, headers: Headers) -> tuple[h11.Connec
     parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
     try:
         head = parser.send(h11.Request(method=method, target=target, headers=headers))
-    except h11.LocalProtocolError as exc:
-        raise httpx.LocalProtocolError(f"cannot send this request: {exc}") from None
+    except h11.LocalProtocolError:
+        # h11's own text repeats the offending value, which may be the access token.
+        names = ", ".join(
+            name.decode("ascii", "replace")
+            for name, value in headers
+            if not _plain_header_value(value)
+        )
+        what = f" (bad value in header {names})" if names else ""
+        raise httpx.LocalProtocolError(f"cannot send this request{what}") from None
     assert head is not None
     return parser, head
+
+
+def _plain_header_value(value: bytes) -> bool:
+    """Visible ASCII, spaces and tabs only: what a header value may hold."""
+    return all(b == 9 or 32 <= b < 127 for b in value)
 
 
 def _with_host(headers: Headers, origin: Origin) -> Headers:

@@ -16,7 +16,7 @@ from trio.testing import MockClock
 
 from enosfs.catalog import META_CONCURRENCY
 from enosfs.changes import Changes
-from enosfs.errors import NotFound
+from enosfs.errors import NotFound, TransportError
 from enosfs.namespace import Dir, File, Namespace
 from enosfs.walkahead import WalkAhead
 from tests.fake_listings import ORG, ApiFault, FakeListings
@@ -64,6 +64,27 @@ def big_org(fake: FakeListings, assets: int, files: int = 3) -> list[str]:
             latest={"scada": fake.file(7, ".csv")},
         )
     return names
+
+
+@pytest.mark.allow_warnings(r"sizing failed unexpectedly")
+async def test_a_bug_in_sizing_fails_the_stat_not_the_mount(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeListings(latency=LATENCY)
+    big_org(fake, 1)
+    ns = Namespace(fake, settings())
+    d = await folder(ns, f"{ORG}/A-0000/feature")
+    f = next(iter((await files_of(ns, d)).values()))
+
+    async def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ns.catalog, "sizes", broken)
+    async with trio.open_nursery() as nursery:
+        ns.nursery = nursery  # as in a mount: sizing runs in the mount's nursery
+        with pytest.raises(TransportError):
+            await ns.file_meta(f)
+    assert not d.sizing  # nothing left waiting
 
 
 async def test_a_listing_sizes_nothing_and_the_first_stat_sizes_the_folder_at_once(

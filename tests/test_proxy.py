@@ -87,6 +87,11 @@ def test_credentials_become_a_header_and_are_never_shown() -> None:
     with pytest.raises(ConfigError) as info:
         Proxies.from_environ({"https_proxy": f"https://u:{PROXY_PW}@proxy:443"})
     assert "https_proxy" in str(info.value) and PROXY_PW not in str(info.value)
+    # A '/' in a password not percent-encoded would cut it short, and what follows
+    # would be taken for the host: refused, without showing any of it.
+    with pytest.raises(ConfigError) as info:
+        Proxies.from_environ({"HTTPS_PROXY": "http://bob:12/34@proxy:3128"})
+    assert "percent-encode" in str(info.value) and "bob" not in str(info.value)
 
 
 # -- a real proxy -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from enosfs.transport import LeanTransport
+from enosfs.transport import LeanTransport, _request
 from tests.test_faults import make_cert
 
 BODY = bytes(range(256)) * 4000  # ~1 MB
@@ -121,6 +121,13 @@ async def test_connections_are_reused_and_dead_ones_replaced() -> None:
         await trio.sleep(0.05)
         assert (await c.get(f"{base}/plain")).content == BODY
         assert len(conns) == 2
+
+
+def test_a_header_value_that_cannot_be_sent_is_never_shown() -> None:
+    """h11's own complaint repeats the value, which may be the access token."""
+    with pytest.raises(httpx.LocalProtocolError) as info:
+        _request(b"GET", b"/x", [(b"host", b"h"), (b"apim-accesstoken", b"SECRETTOKEN\n")])
+    assert "SECRETTOKEN" not in str(info.value) and "apim-accesstoken" in str(info.value)
 
 
 async def test_ambiguous_lengths_are_refused() -> None:
