@@ -16,7 +16,8 @@ A bound on calls in flight is not a rate, and gateways limit rates: after each p
 the freed slots start a burst the gateway's window refuses again. So the first 429
 also teaches a rate, the calls answered in the second before it, and from then on
 calls start no closer together than that rate allows; it grows by one call a second
-while no 429 comes, and each later round of 429s takes a tenth off it.
+while no 429 comes and calls are waiting for it (not through a quiet spell, which
+proves nothing), and each later round of 429s takes a tenth off it.
 
 Growth needs a full bound: calls one after another say nothing about how many at once
 the gateway takes, and a bound grown on such evidence would open the next burst with
@@ -59,6 +60,7 @@ class ApiThrottle:
         self.rate: float | None = None
         self._rate_at = 0.0
         self._next_start = float("-inf")
+        self._paced_at = float("-inf")  # when a call last waited for the pace
         self._answers: deque[float] = deque()  # when the last second's calls answered
         self.rate_limited = 0  # rate-limit answers seen (429s and envelopes)
         self.throttled_waits = 0  # calls that waited for a slot or a Retry-After
@@ -145,6 +147,7 @@ class ApiThrottle:
         start = max(now, self._next_start)
         self._next_start = start + 1.0 / self.rate
         if start > now:
+            self._paced_at = now  # the pace, not the caller, set when this call went
             await trio.sleep_until(start)
 
     async def _wait_out_retry_after(self, *, counted: bool) -> None:
@@ -178,7 +181,11 @@ class ApiThrottle:
         while self._answers and now - self._answers[0] >= 1.0:
             self._answers.popleft()
         if self.rate is not None and now - self._rate_at >= 1.0:
-            self.rate, self._rate_at = self.rate + 1.0, now  # probe for more, gently
+            self._rate_at = now
+            # Probe for more, gently; but only while the pace is what holds calls back:
+            # a rate grown through a quiet spell would let the next burst through.
+            if now - self._paced_at < 1.0:
+                self.rate += 1.0
         if self._fills == fills or self.limit >= self.ceiling:
             return
         self._successes += 1

@@ -166,6 +166,22 @@ async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
     assert throttle.rate is not None and 40 <= throttle.rate <= 60
 
 
+async def test_the_pace_grows_only_while_it_holds_calls_back(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(32)
+    await calls(throttle, 20, hold=0.1)  # 20 answered in the last second...
+    with pytest.raises(RateLimited):
+        await call(throttle, hold=0, fail=limited())  # ...then the gateway says no
+    assert throttle.rate == 20
+    # A quiet spell (a call now and then, none waiting for the pace) proves nothing.
+    for _ in range(10):
+        await trio.sleep(2)
+        await call(throttle, hold=0)
+    assert throttle.rate == 20
+    # Calls held back by the pace for a few seconds: one more a second.
+    await calls(throttle, 100, hold=0)
+    assert 20 < throttle.rate <= 26
+
+
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
     autojump_clock: MockClock,
 ) -> None:
