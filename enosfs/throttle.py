@@ -12,13 +12,6 @@ cut say nothing the cut has not already acted on. It never goes below 1 nor abov
 configured ceiling. A Retry-After holds every new call until it has passed, not only
 the call that was told: the gateway counts the app, not the call.
 
-A bound on calls in flight is not a rate, and gateways limit rates: after each pause,
-the freed slots start a burst the gateway's window refuses again. So the first 429
-also teaches a rate, the calls answered in the second before it, and from then on
-calls start no closer together than that rate allows; it grows by one call a second
-while no 429 comes and calls are waiting for it (not through a quiet spell, which
-proves nothing), and each later round of 429s takes a tenth off it.
-
 Growth needs a full bound: calls one after another say nothing about how many at once
 the gateway takes, and a bound grown on such evidence would open the next burst with
 a storm.
@@ -30,7 +23,6 @@ and one cancelled after it got its slot gives it back.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -54,14 +46,6 @@ class ApiThrottle:
         self._successes = 0  # answered calls, while full, since the last change
         self._fills = 0  # how often every slot was taken
         self._resume_at = float("-inf")  # no call starts before this (Retry-After)
-        # Calls a second the gateway took when it first said "too many" (None: it has
-        # not yet); new calls start no closer together than that, and it grows by one
-        # each second without another 429.
-        self.rate: float | None = None
-        self._rate_at = 0.0
-        self._next_start = float("-inf")
-        self._paced_at = float("-inf")  # when a call last waited for the pace
-        self._answers: deque[float] = deque()  # when the last second's calls answered
         self.rate_limited = 0  # rate-limit answers seen (429s and envelopes)
         self.throttled_waits = 0  # calls that waited for a slot or a Retry-After
         self.decreases = 0
@@ -72,7 +56,6 @@ class ApiThrottle:
             "ceiling": self.ceiling,
             "in_use": self.in_use,
             "waiting": len(self._lot),
-            "rate_per_s": None if self.rate is None else round(self.rate, 1),
             "rate_limited": self.rate_limited,
             "throttled_waits": self.throttled_waits,
             "decreases": self.decreases,
@@ -130,25 +113,10 @@ class ApiThrottle:
             waited = True
         try:
             await self._wait_out_retry_after(counted=waited)
-            await self._paced()
         except BaseException:
             self._release()
             raise
         return self._round, fills
-
-    async def _paced(self) -> None:
-        """Once the gateway has shown its rate, calls start no closer together than
-        it allows: a bound on calls in flight alone lets the slots freed after each
-        pause start a burst the gateway's window refuses (40 ms away, 10 calls in
-        flight are 250 a second)."""
-        if self.rate is None:
-            return
-        now = trio.current_time()
-        start = max(now, self._next_start)
-        self._next_start = start + 1.0 / self.rate
-        if start > now:
-            self._paced_at = now  # the pace, not the caller, set when this call went
-            await trio.sleep_until(start)
 
     async def _wait_out_retry_after(self, *, counted: bool) -> None:
         while trio.current_time() < self._resume_at:
@@ -176,16 +144,6 @@ class ApiThrottle:
         """An answer to a call that was in flight while every slot was taken is
         evidence the gateway takes `limit` at once; one that never saw the bound full
         is none."""
-        now = trio.current_time()
-        self._answers.append(now)
-        while self._answers and now - self._answers[0] >= 1.0:
-            self._answers.popleft()
-        if self.rate is not None and now - self._rate_at >= 1.0:
-            self._rate_at = now
-            # Probe for more, gently; but only while the pace is what holds calls back:
-            # a rate grown through a quiet spell would let the next burst through.
-            if now - self._paced_at < 1.0:
-                self.rate += 1.0
         if self._fills == fills or self.limit >= self.ceiling:
             return
         self._successes += 1
@@ -202,12 +160,6 @@ class ApiThrottle:
         if retry_after:
             self._resume_at = max(self._resume_at, trio.current_time() + retry_after)
         if started == self._round:
-            now = trio.current_time()
-            if self.rate is not None:
-                self.rate, self._rate_at = max(1.0, self.rate * 0.9), now
-            elif answered := sum(1 for t in self._answers if now - t < 1.0):
-                # What got through in the last second is what the gateway takes.
-                self.rate, self._rate_at = float(answered), now
             self._round += 1
             self.limit = max(1, self.limit // 2)
             self._successes = 0

@@ -151,9 +151,9 @@ class Gateway:
 async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
     autojump_clock: MockClock,
 ) -> None:
-    """After the first 429 the bound paces calls at the rate the gateway took, so what
-    the gateway sees, refused calls included, stays near its limit in any second and
-    the refused calls are few."""
+    """Halving at each round of 429s and waiting out Retry-After keep what the gateway
+    sees, refused calls included, near its limit in any second after the first 429,
+    and the refused calls few."""
     throttle = ApiThrottle(32)
     gateway = Gateway(50)
     async with trio.open_nursery() as nursery:
@@ -161,25 +161,7 @@ async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
             nursery.start_soon(gateway.call, throttle)
     assert len(gateway.admitted) == 1500
     assert gateway.busiest_second(since=gateway.refused[0] + 2) <= 55
-    # No storm of retries: once the gateway's rate is known, calls are paced to it.
-    assert len(gateway.refused) <= 10
-    assert throttle.rate is not None and 40 <= throttle.rate <= 60
-
-
-async def test_the_pace_grows_only_while_it_holds_calls_back(autojump_clock: MockClock) -> None:
-    throttle = ApiThrottle(32)
-    await calls(throttle, 20, hold=0.1)  # 20 answered in the last second...
-    with pytest.raises(RateLimited):
-        await call(throttle, hold=0, fail=limited())  # ...then the gateway says no
-    assert throttle.rate == 20
-    # A quiet spell (a call now and then, none waiting for the pace) proves nothing.
-    for _ in range(10):
-        await trio.sleep(2)
-        await call(throttle, hold=0)
-    assert throttle.rate == 20
-    # Calls held back by the pace for a few seconds: one more a second.
-    await calls(throttle, 100, hold=0)
-    assert 20 < throttle.rate <= 26
+    assert len(gateway.refused) < 150  # no storm of retries
 
 
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
