@@ -26,16 +26,19 @@ from enosfs.errors import (
     ApiError,
     EnosfsError,
     InvalidArgument,
+    NotFound,
     ProtocolError,
     RateLimited,
     ServerError,
     TokenRejected,
+    UrlRefused,
     error_for_code,
 )
 from enosfs.jsonbody import read_capped
 from enosfs.naming import uri_id
 from enosfs.retry import RetryPolicy, as_enosfs_error, retrying
 from enosfs.settings_schema import default
+from enosfs.signedurls import SignedUrls, is_lark, shown_url
 from enosfs.throttle import ApiThrottle
 from enosfs.transport import LeanTransport, origin_of
 
@@ -47,6 +50,11 @@ FIRMWARE_PAGE = 50
 MAX_PAGES = 10_000
 _PEEK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+# The fields of an object store's XML error (S3, OSS, Azure) worth a log line.
+_XML_FIELD = re.compile(rb"<(Code|Message)>([^<]{0,300})</(?:Code|Message)>")
+_URL_IN_TEXT = re.compile(r"https?://\S+")
+# S3 answers some refusals of a pre-signed URL with 400 rather than 403.
+_REFUSED_400 = {"ExpiredToken", "InvalidToken", "AuthorizationQueryParametersError"}
 
 
 # -- what the listing and file APIs answer ---------------------------------------------
@@ -54,20 +62,24 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 @dataclass(frozen=True)
 class FileRef:
-    """Everything a files API call needs to name one file."""
+    """Everything a files API call needs to name one file. The device is named by its
+    asset id or, where only they are known (asset "", a configured file), by its
+    product and device key: the files API takes either."""
 
     org: str
     asset: str
     category: str
     uri: str
+    product_key: str = ""
+    device_key: str = ""
 
     def params(self) -> dict[str, str]:
-        return {
-            "orgId": self.org,
-            "assetId": self.asset,
-            "category": self.category,
-            "fileUri": self.uri,
-        }
+        device = (
+            {"assetId": self.asset}
+            if self.asset
+            else {"productKey": self.product_key, "deviceKey": self.device_key}
+        )
+        return {"orgId": self.org, **device, "category": self.category, "fileUri": self.uri}
 
 
 INT64_MAX = 2**63 - 1
@@ -443,6 +455,9 @@ class EnosClient:
         self.integration = integration.rstrip("/")
         self.policy = policy or RetryPolicy()
         self.file_info_supported: bool | None = None  # learnt from the first call
+        # Whether getFileInfo answers for files kept in object storage, learnt as well.
+        self.lark_file_info: bool | None = None
+        self.signed_urls: SignedUrls[FileRef] = SignedUrls(self.download_url)
         self._learning = trio.Lock()
         self.requests: Counter[str] = Counter()
         self.retries = 0
@@ -454,6 +469,7 @@ class EnosClient:
             "requests": dict(sorted(self.requests.items())),
             "retries": self.retries,
             "throttle": self.throttle.stats(),
+            "signed_urls": self.signed_urls.stats(),
         }
 
     # -- plumbing ------------------------------------------------------------------------
@@ -650,6 +666,8 @@ class EnosClient:
         Whether the server has getFileInfo is learnt once, by the first call, while the
         others wait: a listing of many files must not ask an old server many times.
         """
+        if is_lark(ref.uri):
+            return await self._lark_meta(ref)
         if self.file_info_supported is None:
             async with self._learning:
                 if self.file_info_supported is None:
@@ -658,15 +676,52 @@ class EnosClient:
             return await self._file_info(ref, learning=False)
         return await self.probe(ref)
 
+    async def _file_info_doc(self, ref: FileRef) -> dict[str, Any]:
+        return await self.call(
+            "files.getFileInfo",
+            "GET",
+            f"{self.integration}/connect-service/v2.1/files",
+            {"action": "getFileInfo", **ref.params()},
+            what=f"file info {uri_id(ref.uri)}",
+        )
+
+    async def _lark_meta(self, ref: FileRef) -> FileMeta:
+        """A file kept in object storage: getFileInfo where the server answers it for
+        such files, else a Range probe on its signed URL. Learnt apart from getFileInfo
+        for other files: a server may answer it for one kind and not the other."""
+        if self.file_info_supported is False or self.lark_file_info is False:
+            return await self.probe(ref)
+        try:
+            doc = await self._file_info_doc(ref)
+        except ApiError as exc:
+            if self.lark_file_info is not None or not _maybe_unsupported(exc):
+                raise
+            log.info(
+                "server has no getFileInfo for files kept in object storage (%s); "
+                "sizing them by Range probes",
+                exc,
+            )
+            self.lark_file_info = False
+            return await self.probe(ref)
+        self.lark_file_info = True
+        return parse_file_meta(ref.uri, doc.get("data"))
+
+    async def download_url(self, ref: FileRef) -> str:
+        """getDownloadUrl: where a file kept in object storage can be read from now. The
+        answer is a credential (signedurls.py): it is returned, never logged."""
+        doc = await self.call(
+            "files.getDownloadUrl",
+            "GET",
+            f"{self.integration}/connect-service/v2.1/files",
+            {"action": "getDownloadUrl", **ref.params()},
+            what=f"download URL {uri_id(ref.uri)}",
+        )
+        data = doc.get("data")
+        return data if isinstance(data, str) else ""
+
     async def _file_info(self, ref: FileRef, *, learning: bool) -> FileMeta:
         try:
-            doc = await self.call(
-                "files.getFileInfo",
-                "GET",
-                f"{self.integration}/connect-service/v2.1/files",
-                {"action": "getFileInfo", **ref.params()},
-                what=f"file info {uri_id(ref.uri)}",
-            )
+            doc = await self._file_info_doc(ref)
         except ApiError as exc:
             if not (learning and _maybe_unsupported(exc)):
                 raise
@@ -703,7 +758,8 @@ class EnosClient:
         """Open a download of bytes [start, end] (end inclusive, None = to the end).
 
         The Body says where its bytes really start: a server that ignores Range sends
-        the whole file from 0, and the caller must cope.
+        the whole file from 0, and the caller must cope. A file kept in object storage
+        is read from its signed URL (_open_signed), by the same rules.
         """
         what = f"download {uri_id(ref.uri)}"
         headers = {"Accept-Encoding": "identity"}
@@ -735,15 +791,53 @@ class EnosClient:
             holder.append(resp)
             return body
 
-        body = await retrying(
-            self.policy, what, lambda: self._with_token(send), on_retry=self._count_retry
-        )
+        async def attempt() -> Body:
+            if is_lark(ref.uri):
+                return await self._open_signed(ref, headers, start, what, kind, holder)
+            return await self._with_token(send)
+
+        body = await retrying(self.policy, what, attempt, on_retry=self._count_retry)
         try:
             yield body
         finally:
             for resp in holder:
                 with trio.CancelScope(shield=True):
                     await resp.aclose()
+
+    async def _open_signed(
+        self,
+        ref: FileRef,
+        headers: dict[str, str],
+        start: int,
+        what: str,
+        kind: str,
+        holder: list[httpx.Response],
+    ) -> Body:
+        """One attempt at a file kept in object storage: a plain GET of its signed URL
+        (kept, or asked for now), carrying no access token nor any other header of ours
+        that holds a secret. A refused URL (expired, revoked) is forgotten and a new one
+        tried at once; refused again, the reader gets EACCES."""
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        raw.append((b"user-agent", b"enosfs"))
+        for fresh in (False, True):
+            signed = await self.signed_urls.get(ref, f"download URL {uri_id(ref.uri)}")
+            self.requests[kind.replace("files.", "objectstore.", 1)] += 1
+            resp = await self.lean.request("GET", signed.origin, signed.target, raw)
+            try:
+                body = await _classify_object(resp, start, f"{what} from {signed.shown}")
+            except UrlRefused as exc:
+                await resp.aclose()
+                self.signed_urls.rejected(ref, signed)
+                if fresh:
+                    raise
+                log.debug("%s; asking for a new URL", exc)
+                continue
+            except BaseException:
+                await resp.aclose()
+                raise
+            holder.append(resp)
+            return body
+        raise AssertionError("unreachable")
 
     def _download_target(self, ref: FileRef) -> bytes:
         target = self._targets.get(ref)
@@ -771,6 +865,56 @@ async def _read_some(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes, b
         if n > limit:
             return b"".join(parts), False
     return b"".join(parts), True
+
+
+def _object_store_detail(body: bytes) -> tuple[str | None, str]:
+    """The code and message of an object store's error body (XML, or JSON), with any
+    URL in them cut to scheme://host/path; the body itself is never shown whole (S3's
+    may repeat the string it signed)."""
+    found = {
+        m.group(1).decode(): m.group(2).decode("utf-8", "replace").strip()
+        for m in _XML_FIELD.finditer(body[:_PEEK])
+    }
+    if not found:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            for key in ("Code", "code", "error"):
+                if isinstance(doc.get(key), str | int) and "Code" not in found:
+                    found["Code"] = str(doc[key])
+            for key in ("Message", "message", "msg"):
+                if isinstance(doc.get(key), str) and "Message" not in found:
+                    found["Message"] = doc[key][:300]
+    message = _URL_IN_TEXT.sub(lambda m: shown_url(m.group(0)), found.get("Message", ""))
+    return found.get("Code"), message
+
+
+async def _classify_object(resp: httpx.Response, start: int, what: str) -> Body:
+    """An object store's answer to a ranged GET: bytes only from a 200 or 206 that
+    passes _classify_download's checks; its own errors become ours."""
+    status = resp.status_code
+    if status in (200, 206, 416):
+        return await _classify_download(resp, start, what)
+    body, _ = await _read_some(resp.aiter_raw(), _PEEK)
+    code, message = _object_store_detail(body)
+    message = message or f"HTTP {status}"
+    shown = code or f"HTTP {status}"
+    error: ApiError
+    if status in (401, 403) or (status == 400 and code in _REFUSED_400):
+        error = UrlRefused(shown, message, http_status=status, what=f"{what}: URL refused")
+    elif status == 404:
+        error = NotFound(shown, message, http_status=status, what=what)
+    elif status == 429:
+        error = RateLimited(message, _retry_after(resp), http_status=status, what=what)
+    elif status >= 500:
+        error = ServerError(shown, message, http_status=status, what=what)
+    else:
+        error = ApiError(shown, message, http_status=status, what=what)
+    # Said as what it is: the object store's refusal, not an EnOS error code.
+    error.args = (str(error).replace("EnOS error ", "object store error ", 1),)
+    raise error
 
 
 async def _classify_download(resp: httpx.Response, start: int, what: str) -> Body:

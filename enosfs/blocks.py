@@ -12,6 +12,16 @@ middle of a block that nobody has asked for yet fetches from (just before) the r
 offset to the block's end first, and the block's head with a second request, so a
 random 4 KiB read waits for one short transfer, not for half a block.
 
+A random reader (readahead.py says it has no sequential pattern) does not fetch whole
+blocks at all: its miss fetches the 64 KiB pieces its read falls in, grown to what the
+link delivers within a round trip (linkspeed.py), and the block is filled in parts. A
+block partly filled rests in the LRU as its flight, buffer allocated whole and counted
+whole; a later read of its filled part is a hit, of another part a fetch of just that
+part, and a sequential reader that reaches it fetches the rest. Files whose blocks are
+checked (a small file against its digest, a file a whole reading matched against each
+block's CRC) are still fetched in whole blocks, so nothing checked today goes
+unchecked; only whole blocks go to the disk cache.
+
 Keys carry the file's version (size, and its digest or ETag), and every body's size and
 ETag are checked against the version they are fetched for, so bytes of two versions
 never mix as long as the server says when a file changed (a new size, digest or ETag).
@@ -36,6 +46,7 @@ from cachetools import LRUCache
 from enosfs.api import FileMeta, FileRef
 from enosfs.diskcache import DiskCache, block_key
 from enosfs.errors import DeadlineError, EnosfsError, FileChanged, IntegrityError, TransportError
+from enosfs.linkspeed import LinkSpeed
 from enosfs.quiet import Quieter
 from enosfs.source import Download, Source
 
@@ -58,6 +69,13 @@ LIVE = 1.0
 FIRST_LOOK = 0.25
 MAX_GOOD_FILES = 4096
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
+PIECE = SPLIT_ALIGN  # what a random reader's miss fetches: whole pieces of this size
+# A random miss fetches this much until the link's round trip and bandwidth are known.
+FIRST_RANDOM_FETCH = 128 * 1024
+PAGE = 4096
+# Bytes ahead of a random read in its fetch that would hold it up longer than this come
+# in a request of their own.
+SPLIT_WAIT = 0.005
 
 
 def _free_refcount() -> int:
@@ -132,8 +150,10 @@ class Progress:
 
 @dataclass
 class Flight:
-    """One block on its way, filled by one or two fetches; it knows which byte ranges
-    of the block have landed, and wakes each reader once its own range has."""
+    """One block on its way, filled by one fetch or several; it knows which byte ranges
+    of the block have landed and which its fetches will bring, and wakes each reader
+    once its own range has. A random reader's block may stay partly filled: then it
+    rests in the LRU as this flight, no fetch under way."""
 
     size: int
     done: trio.Event = field(default_factory=trio.Event)
@@ -141,6 +161,7 @@ class Flight:
     error: BaseException | None = None
     buffer: bytearray | None = None
     spans: list[tuple[int, int]] = field(default_factory=list)  # landed, merged, sorted
+    asked: list[tuple[int, int]] = field(default_factory=list)  # what its fetches bring
     fetchers: int = 0  # fetch tasks that will write into it
     # Its bytes are checked when the block is whole (a file a reading matched), so no
     # reader may have any of them before then.
@@ -159,6 +180,24 @@ class Flight:
 
     def covered(self, lo: int, hi: int) -> bool:
         return any(a <= lo and hi <= b for a, b in self.spans)
+
+    def gaps(self, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+        """The parts of [lo, hi) that neither landed nor are asked for by a fetch: what
+        a reader of them must fetch (single flight per byte, not only per block)."""
+        hi = self.size if hi is None else hi
+        out = []
+        pos = lo
+        for a, b in sorted([*self.spans, *self.asked]):
+            if a >= hi:
+                break
+            if b <= pos:
+                continue
+            if a > pos:
+                out.append((pos, a))
+            pos = b
+        if pos < hi:
+            out.append((pos, hi))
+        return out
 
     @property
     def complete(self) -> bool:
@@ -242,9 +281,12 @@ class BlockCache:
         self.prefetch_cap = max(4 * block_size, budget // 4)
         self.free_cap = min(MAX_FREE_BUFFERS, max(1, budget // 8 // block_size))
         lru_size = max(block_size, budget - self.prefetch_cap - self.free_cap * block_size)
-        self.lru: LRUCache[tuple[object, ...], bytearray] = LRUCache(
-            maxsize=lru_size, getsizeof=len
+        # Whole blocks, and blocks partly filled by random readers (their flights, at
+        # rest), each counted as its whole buffer.
+        self.lru: LRUCache[tuple[object, ...], bytearray | Flight] = LRUCache(
+            maxsize=lru_size, getsizeof=_held
         )
+        self.link = LinkSpeed(PIECE, block_size, FIRST_RANDOM_FETCH)
         self.inflight = 0  # bytes of blocks claimed and not yet delivered or failed
         self.etags: dict[tuple[str, Hashable], str] = {}
         # Per file version a whole reading matched: the CRC-32 of each of its blocks.
@@ -286,6 +328,15 @@ class BlockCache:
                 "reader_timeouts": c["reader_timeouts"],
                 "slow_bodies": c["slow_bodies"],
                 "reused_buffers": c["reused_buffers"],
+                "random_reads": {
+                    # Reads of random readers that had to fetch, the requests they made
+                    # (one a block they touch), and what those brought.
+                    "misses": c["random_misses"],
+                    "fetches": c["random_fetches"],
+                    "bytes_fetched": c["random_bytes"],
+                    "partial_blocks": sum(isinstance(v, Flight) for v in self.lru.values()),
+                    **self.link.stats(),
+                },
             },
             "in_flight": {"blocks": len(self.flights), "bytes": self.inflight},
         }
@@ -301,12 +352,15 @@ class BlockCache:
         consume: bool = False,
         wait_limit: float | None = None,
         no_wait: bool = False,
+        random_access: bool = False,
     ) -> bytes | memoryview:
         """Exactly the bytes [offset, offset+size) of f, fewer only at end of file.
 
         Waits for bytes that do not come at most wait_limit seconds (default: the
         deadline plus a grace), longer only while they are still coming; with no_wait,
         not at all (DeadlineError): the caller's system call already waited its fill.
+        With random_access (a reader with no sequential pattern), a miss fetches only
+        the pieces around the read, not whole blocks (see the module's doc).
 
         A read inside one block is a view of the cached block: no copy on the way to the
         kernel. A read across blocks is joined. With consume (a sequential reader, whose
@@ -334,8 +388,13 @@ class BlockCache:
         if no_wait and not all(self._available(f, i, lo, hi) for i, lo, hi in spans):
             self.counts["failed_fast"] += 1
             raise DeadlineError(f"download {f.ref.uri}: the bytes are still not here")
+        # Blocks checked before they are served are fetched whole.
+        pieces = random_access and f.size > self.whole_file_limit and not self.known_good(f)
         if f.size <= self.whole_file_limit:
             self._ensure_whole(f)
+        elif pieces:
+            missed = [self._ensure_pieces(f, i, lo, hi) for i, lo, hi in spans]
+            self.counts["random_misses"] += any(missed)
         else:
             self._ensure(f, first, last, hint=offset)
 
@@ -347,7 +406,7 @@ class BlockCache:
             drops = flight.slow_drops if flight is not None else 0
             while True:
                 with trio.move_on_at(deadline) as scope:
-                    block = await self._block(f, index, lo, hi)
+                    block = await self._block(f, index, lo, hi, pieces)
                 if not scope.cancelled_caught:
                     break
                 # Out of time; but while the bytes of this very block keep coming at a
@@ -366,8 +425,9 @@ class BlockCache:
 
     def _available(self, f: CachedFile, index: int, lo: int, hi: int) -> bool:
         key = self._key(f, index)
-        if key in self.lru:
-            return True
+        held = self.lru.get(key)
+        if held is not None:
+            return isinstance(held, bytearray) or held.covered(lo, hi)
         flight = self.flights.get(key)
         # Bytes that landed but are held (the block is checked once whole) are not
         # here yet: a reader would wait for the rest of the block.
@@ -454,7 +514,13 @@ class BlockCache:
         # readers of the file wait until they are checked.
         scan = self.scanning[f.key] = trio.Event()
         try:
-            cached = [(i, b) for i in range(len(crcs)) if (b := self.lru.get(self._key(f, i)))]
+            cached = []
+            for i in range(len(crcs)):
+                held = self.lru.get(self._key(f, i))
+                if isinstance(held, Flight):
+                    del self.lru[self._key(f, i)]  # partly filled: no CRC can vouch for it
+                elif held:
+                    cached.append((i, held))
             found = await trio.to_thread.run_sync(_crcs, [b for _, b in cached])
             for (index, block), crc in zip(cached, found, strict=True):
                 if crc != crcs[index] and self.lru.get(self._key(f, index)) is block:
@@ -527,7 +593,7 @@ class BlockCache:
 
     def _release(self, f: CachedFile, index: int) -> None:
         block = self.lru.pop(self._key(f, index), None)
-        if block is not None and len(block) == self.block_size:
+        if isinstance(block, bytearray) and len(block) == self.block_size:
             self._released.append(block)
 
     def _recycle(self) -> None:
@@ -562,17 +628,27 @@ class BlockCache:
     def _size_of(self, f: CachedFile, index: int) -> int:
         return min(self.block_size, f.size - index * self.block_size)
 
-    async def _block(self, f: CachedFile, index: int, lo: int, hi: int) -> bytearray:
-        """Block `index` of f with at least its bytes [lo, hi) present."""
+    async def _block(
+        self, f: CachedFile, index: int, lo: int, hi: int, pieces: bool = False
+    ) -> bytearray:
+        """Block `index` of f with at least its bytes [lo, hi) present (in pieces: a
+        random reader's)."""
         key = self._key(f, index)
-        data = self.lru.get(key)
-        if data is not None:
+        held = self.lru.get(key)
+        if isinstance(held, bytearray):
             self.counts["hits"] += 1
-            return data
+            return held
+        if held is not None and held.buffer is not None and held.covered(lo, hi):
+            self.counts["hits"] += 1  # the filled part of a partly filled block
+            return held.buffer
         flight = self.flights.get(key)
-        if flight is None:
-            # Evicted between _ensure and now (a tiny budget): fetch it again.
-            self._ensure(f, index, index)
+        if flight is None or flight.gaps(lo, hi):
+            # Evicted between _ensure and now (a tiny budget), or its bytes are in no
+            # part filled or on its way (a block other readers filled in parts).
+            if pieces:
+                self._ensure_pieces(f, index, lo, hi)
+            else:
+                self._ensure(f, index, index)
             flight = self.flights[key]
         self.counts["waits"] += 1
         return await flight.wait_for(lo, hi)
@@ -597,30 +673,44 @@ class BlockCache:
 
         hint is the offset of a read waiting for the first of them: when it lies deep in
         a block, that block is fetched from the hint on first (see the module's doc).
+        A block random readers filled in parts gets its missing parts fetched; the last
+        of them, when it runs to the block's end, leads the request for the blocks after.
         """
         bs = self.block_size
         blocks_per_request = max(1, self.max_request // bs)
         index = first
         while index <= last:
+            owned: dict[int, Flight] = {}
+            start = index * bs
             if not self._missing(f, index):
+                partial = self._partial(f, index)
+                gaps = partial.gaps() if partial is not None else []
+                if partial is not None and gaps:
+                    tail = gaps.pop() if gaps[-1][1] == partial.size else None
+                    for lo, hi in gaps:
+                        self._spawn(f, start + lo, start + hi, {index: partial})
+                    if tail is not None:
+                        owned[index] = partial
+                        start += tail[0]
                 index += 1
-                continue
-            if self._on_disk(f, index):
-                self.nursery.start_soon(self._load, f, index, self._claim(f, index))
+                if not owned:
+                    continue
+            elif self._on_disk(f, index):
+                self._load_soon(f, index)
                 index += 1
                 continue
             run_start = index
             while (
                 index <= last
                 and self._missing(f, index)
-                and index - run_start < blocks_per_request
+                and len(owned) < blocks_per_request
                 and not self._on_disk(f, index)
             ):
+                owned[index] = self._claim(f, index)
                 index += 1
-            owned = {i: self._claim(f, i) for i in range(run_start, index)}
-            start, end = run_start * bs, min(f.size, index * bs)
+            end = min(f.size, index * bs)
             split = None
-            if hint is not None and run_start == first:
+            if hint is not None and run_start == first and start == run_start * bs:
                 split = (hint - start) // SPLIT_ALIGN * SPLIT_ALIGN + start
             if split is not None and split > start:
                 self.counts["split_fetches"] += 1
@@ -628,6 +718,97 @@ class BlockCache:
                 self._spawn(f, start, split, {run_start: owned[run_start]})
             else:
                 self._spawn(f, start, end, owned)
+
+    def _ensure_pieces(self, f: CachedFile, index: int, lo: int, hi: int) -> bool:
+        """For a random reader: start a fetch of the pieces of block `index` that its
+        bytes [lo, hi) fall in and nobody has or is getting, grown to what the link
+        gives in a round trip; True if a fetch started. A block on disk is loaded whole
+        (no round trip). Where the span's bytes before the read would hold the reader
+        up, they come in a request of their own."""
+        key = self._key(f, index)
+        held = self.lru.get(key)
+        if isinstance(held, bytearray):
+            return False
+        if held is not None:
+            if held.covered(lo, hi):
+                return False
+            flight = self._revive(f, index, held)
+        elif key in self.flights:
+            flight = self.flights[key]
+        elif self._on_disk(f, index):
+            self._load_soon(f, index)
+            return False
+        else:
+            flight = self._claim(f, index)
+        if flight.hold:  # checked whole: its fetches bring the whole block
+            self._ensure(f, index, index)
+            return False
+        if not flight.gaps(lo, hi):
+            return False  # its bytes landed or are on their way
+        need = flight.gaps(lo // PIECE * PIECE, min(flight.size, -(-hi // PIECE) * PIECE))
+        a, b = need[0][0], need[-1][1]
+        want = self.link.span()
+        # Grown over whole pieces nobody has or is getting, forward first (a reader
+        # more often reads on than back).
+        while b - a < want and b < flight.size:
+            nxt = min(b + PIECE, flight.size)
+            if flight.gaps(b, nxt) != [(b, nxt)]:
+                break
+            b = nxt
+        while b - a < want and a >= PIECE and flight.gaps(a - PIECE, a) == [(a - PIECE, a)]:
+            a -= PIECE
+        start = index * self.block_size
+        # The bytes before the read's own in its span would come first and keep the
+        # reader waiting: where that wait counts (a thin link, or a span grown back
+        # from a block's end), they come in a second request beside the first.
+        split = max(a, lo // PAGE * PAGE)
+        bandwidth = self.link.bandwidth
+        if (
+            bandwidth
+            and a < split < b
+            and (split - a) / bandwidth > SPLIT_WAIT
+            and flight.gaps(a, split) == [(a, split)]
+        ):
+            self.counts["split_fetches"] += 1
+            self.counts["random_fetches"] += 2
+            self._spawn(f, start + split, start + b, {index: flight}, random_access=True)
+            self._spawn(f, start + a, start + split, {index: flight}, random_access=True)
+            return True
+        self._spawn(f, start + a, start + b, {index: flight}, random_access=True)
+        self.counts["random_fetches"] += 1
+        return True
+
+    def _partial(self, f: CachedFile, index: int) -> Flight | None:
+        """Block `index` of f if it is partly filled (at rest or with fetches under
+        way), taken back into the flights if it rested."""
+        held = self.lru.get(self._key(f, index))
+        if isinstance(held, Flight):
+            return self._revive(f, index, held)
+        flight = self.flights.get(self._key(f, index))
+        return flight if flight is not None and not flight.done.is_set() else None
+
+    def _revive(self, f: CachedFile, index: int, flight: Flight) -> Flight:
+        """A partly filled block at rest in the LRU gets fetches again: it is a flight
+        once more, and its memory counts as on its way."""
+        key = self._key(f, index)
+        del self.lru[key]
+        self.flights[key] = flight
+        self.inflight += flight.size
+        return flight
+
+    def _settle(self, f: CachedFile, index: int, flight: Flight) -> None:
+        """The last fetch of a block ended with the block still partly filled: it rests
+        in the LRU, its filled parts served from there; unless it must be whole first
+        (it is checked whole) or a reader waits for bytes no fetch brings, then the rest
+        of it is fetched."""
+        flight.asked = []
+        if flight.hold or flight.waiters or self.known_good(f):
+            start = index * self.block_size
+            for lo, hi in flight.gaps():
+                self._spawn(f, start + lo, start + hi, {index: flight})
+            return
+        self._landed_or_lost(f, index, flight)
+        self.lru[self._key(f, index)] = flight
 
     def _ensure_whole(self, f: CachedFile) -> None:
         """A small file is only ever fetched whole, so its digest checks every byte a
@@ -638,7 +819,7 @@ class BlockCache:
             if not self._missing(f, i):
                 continue
             if self._on_disk(f, i):  # kept there only once checked
-                self.nursery.start_soon(self._load, f, i, self._claim(f, i))
+                self._load_soon(f, i)
             else:
                 fetch[i] = self._claim(f, i)
         if fetch:
@@ -654,6 +835,11 @@ class BlockCache:
         key = self._disk_key(f, index)
         return key is not None and self.disk is not None and self.disk.has(key)
 
+    def _load_soon(self, f: CachedFile, index: int) -> None:
+        flight = self._claim(f, index)
+        flight.asked = [(0, flight.size)]  # no reader fetches parts of it meanwhile
+        self.nursery.start_soon(self._load, f, index, flight)
+
     async def _load(self, f: CachedFile, index: int, flight: Flight) -> None:
         """A block from the disk cache; from the network if it is not intact there."""
         key = self._disk_key(f, index)
@@ -663,6 +849,7 @@ class BlockCache:
         except Exception:
             log.exception("disk cache: reading a block failed")
             data = None
+        flight.asked = []
         if data is None:
             if f.size <= self.whole_file_limit:
                 self._spawn(f, 0, f.size, {index: flight})  # checked whole, as ever
@@ -674,12 +861,22 @@ class BlockCache:
         flight.landed(0, flight.size)
         self._deliver(f, index, flight, from_disk=True)
 
-    def _spawn(self, f: CachedFile, start: int, end: int, owned: dict[int, Flight]) -> None:
+    def _spawn(
+        self,
+        f: CachedFile,
+        start: int,
+        end: int,
+        owned: dict[int, Flight],
+        *,
+        random_access: bool = False,
+    ) -> None:
         progress = Progress()
-        for flight in owned.values():
+        bs = self.block_size
+        for index, flight in owned.items():
             flight.fetchers += 1
             flight.feeds.append(progress)
-        self.nursery.start_soon(self._fetch, f, start, end, owned, progress)
+            flight.asked.append((max(start - index * bs, 0), min(end - index * bs, flight.size)))
+        self.nursery.start_soon(self._fetch, f, start, end, owned, progress, random_access)
 
     def _deliver(
         self, f: CachedFile, index: int, flight: Flight, *, from_disk: bool = False
@@ -696,6 +893,7 @@ class BlockCache:
                 # Once more from the network; readers keep waiting (the flight holds).
                 flight.refetched = True
                 flight.spans = []
+                flight.asked = []
                 start = index * self.block_size
                 self._spawn(f, start, start + flight.size, {index: flight})
                 return
@@ -739,12 +937,14 @@ class BlockCache:
         end: int,
         owned: dict[int, Flight],
         progress: Progress | None = None,
+        random_access: bool = False,
     ) -> None:
         """Download bytes [start, end) into the blocks they belong to, resuming a cut
         body from the byte it reached. Blocks this task does not own (another fetch
         fills them, or they are cached) are read past. `owned` holds the flights this
         task must still fill; each is let go of as soon as it is delivered, so its
-        buffer is not pinned while the rest of the range streams in."""
+        buffer is not pinned while the rest of the range streams in. Each body's time
+        to first byte and speed go to the link's estimate (linkspeed.py)."""
         bs = self.block_size
         pos = start
         block: bytearray | None = None  # buffer of the block holding pos, while in use
@@ -764,6 +964,7 @@ class BlockCache:
         hasher = hashlib.new(f.digest[0]) if verify and f.digest is not None else None
         try:
             while pos < end:
+                asked_at = trio.current_time()
                 try:
                     async with self.client.open_download(f.ref, pos, end - 1) as body:
                         self._check_version(f, body)
@@ -778,6 +979,8 @@ class BlockCache:
                                 hasher = hashlib.new(hasher.name)  # hashed again from 0
                         if await _skip(body, pos - body.start):
                             pace = _Pace(self.min_speed, self.speed_time)
+                            first_at: float | None = None
+                            timed = 0  # bytes after the first read, over the time since
                             while pos < end:
                                 index = pos // bs
                                 bstart = index * bs
@@ -803,6 +1006,13 @@ class BlockCache:
                                     raise _TooSlow
                                 progress.got(n, pace.now)
                                 self.counts["bytes"] += n
+                                if random_access:
+                                    self.counts["random_bytes"] += n
+                                if first_at is None:
+                                    first_at = pace.now
+                                    self.link.first_byte(first_at - asked_at)
+                                else:
+                                    timed += n
                                 if hasher is not None:
                                     hasher.update(view[:n])
                                 if flight is not None and not verify:
@@ -817,6 +1027,8 @@ class BlockCache:
                                     self._deliver(f, index, flight)
                                 if pos == stop:
                                     block = None
+                            if first_at is not None:
+                                self.link.body(timed, pace.now - first_at)
                 except _Broken as exc:
                     log.debug("download of %s interrupted: %s", f.ref.uri, exc)
                 except _TooSlow:
@@ -854,10 +1066,15 @@ class BlockCache:
             error = _bare(failure or TransportError(f"download {f.ref.uri}: incomplete"))
             for index in list(owned):
                 flight = self._let_go(owned, index)
-                # A block the other half of a split fetch is still filling is left to
-                # it; anything else unfinished can no longer arrive.
-                if not (flight.done.is_set() or (completed and flight.fetchers > 0)):
+                if flight.done.is_set():
+                    continue
+                if not completed:
                     self._fail(f, {index: flight}, error)
+                elif flight.fetchers == 0:
+                    # Its bytes from this fetch landed, the rest of it nobody fetches
+                    # (a random reader's block filled in parts); while other fetches
+                    # still fill it, it is left to them.
+                    self._settle(f, index, flight)
 
     def _let_go(self, owned: dict[int, Flight], index: int) -> Flight:
         flight = owned.pop(index)
@@ -929,6 +1146,7 @@ class BlockCache:
                 owned[i] = self._claim(f, i)
                 owned[i].fetchers += 1
                 owned[i].feeds.append(progress)
+                owned[i].asked.append((0, owned[i].size))
         if block is None:
             pos = min([pos, *(i * bs for i in owned)])
         return pos, max([end, *(min(f.size, (i + 1) * bs) for i in owned)])
@@ -1006,3 +1224,8 @@ def _bare(exc: EnosfsError) -> EnosfsError:
     exc.__context__ = None
     exc.__cause__ = None
     return exc
+
+
+def _held(value: bytearray | Flight) -> int:
+    """Memory an LRU entry holds: a partly filled block's whole buffer, allocated whole."""
+    return value.size if isinstance(value, Flight) else len(value)

@@ -37,19 +37,26 @@ from enosfs.config import Settings
 from enosfs.errors import Denied, EnosfsError, NotFound
 from enosfs.expiring import Expiring
 from enosfs.naming import feature_file_name, firmware_file_name, safe_name, uri_id
+from enosfs.settings_schema import default
+from enosfs.signedurls import LARK_SCHEME
 from enosfs.source import Listings
+from enosfs.views import Known, known_of
 
 if TYPE_CHECKING:
     from enosfs.metastore import MetaStore, OrgRecord
 
 log = logging.getLogger(__name__)
 
-# getFileInfo calls of one mount in flight at once, for sizing folders: as many as the
-# API bound allows by default (network.max_api_concurrency), which adapts below it.
-META_CONCURRENCY = 32
+# getFileInfo calls of one mount in flight at once, for sizing folders, by default: as
+# many as the API bound allows (network.max_api_concurrency), which adapts below it.
+META_CONCURRENCY = default("max_api_concurrency")
+# Thing models fetched ahead when an organisation is listed (Catalog.models_ahead).
+MODELS_AHEAD = 16
 _ID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)?")
 _ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_FILE_SCHEMES = ("enos-connect://",)
+# Files EnOS keeps itself, and files kept in object storage (read through a signed
+# URL: signedurls.py); both are listed alike.
+_FILE_SCHEMES = ("enos-connect://", LARK_SCHEME)
 
 
 @dataclass
@@ -91,7 +98,15 @@ class Catalog:
         self.firmwares: Expiring[tuple[str, str], list[Firmware]] = Expiring(ttl, clock)
         self._denied_said: set[str] = set()
         self._bad_said: set[str] = set()  # fileUris whose record was said to be unusable
-        self._meta_limit = trio.Semaphore(META_CONCURRENCY)
+        self._meta_limit = trio.Semaphore(settings.max_api_concurrency)
+        self._offered: dict[str, tuple[list[Device], float]] = {}  # see offer_devices
+        self._model_flights: dict[tuple[str, str], trio.Event] = {}  # thing models asked
+        # org -> what its last device search said people name its devices by (views.py);
+        # None where it may not search (Denied, or `discover` off): no views there.
+        self.known: dict[str, list[Known] | None] = {}
+        # org -> {asset id: (product key, device key)} of the devices configured files
+        # name by key that search found: their files go in that asset's folder.
+        self._keyed_assets: dict[str, dict[str, tuple[str, str]]] = {}
 
     # -- an organisation -----------------------------------------------------------------
 
@@ -99,9 +114,13 @@ class Catalog:
         """The org's assets: found by device search (where enabled) and configured."""
         settings = next(o for o in self.settings.orgs if o.org_id == org)
         ids: list[str] = []
+        known: list[Known] | None = None
         if settings.discover:
             try:
-                devices = await self.client.search_devices(org)
+                devices = self._offered_devices(org)
+                if devices is None:
+                    devices = await self.client.search_devices(org)
+                known = known_of(devices)
             except Denied as exc:
                 self._say_denied(f"device search in {org}", exc)
                 devices = []
@@ -110,11 +129,27 @@ class Catalog:
                 self.devices.put((org, dev.asset_id), dev, at=now)
                 ids.append(dev.asset_id)
         ids.extend(settings.assets)
-        ids.extend(f.asset for f in self.settings.files if f.org == org)
+        ids.extend(f.asset for f in self.settings.files if f.org == org and f.asset)
         found = sorted(set(ids))
+        self._learn(org, known)
         if self.store is not None:
-            self.store.save_assets(org, found, self.wall())
+            self.store.save_assets(org, found, self.wall(), known)
         return found
+
+    def offer_devices(self, org: str, devices: list[Device]) -> None:
+        """Every device of org, just found by a search of the mount's own (its check of
+        the organisation): the first listing takes them instead of searching again,
+        if it comes while they would still be fresh."""
+        now = self.clock()
+        self._offered[org] = (devices, now)
+        for device in devices:
+            self.devices.put((org, device.asset_id), device, at=now)
+
+    def _offered_devices(self, org: str) -> list[Device] | None:
+        offered = self._offered.pop(org, None)
+        if offered is None or self.clock() - offered[1] >= self.settings.metadata_ttl:
+            return None
+        return offered[0]
 
     async def has_asset(self, org: str, name: str) -> bool:
         """Whether `name` is the id of an asset no listing shows (a user may name it)."""
@@ -152,18 +187,30 @@ class Catalog:
         return _ID_NAME.fullmatch(name) is not None
 
     async def sizes(
-        self, refs: list[FileRef], where: str = ""
+        self,
+        refs: list[FileRef],
+        where: str = "",
+        each: Callable[[str, FileMeta | EnosfsError], None] | None = None,
     ) -> dict[str, FileMeta | EnosfsError]:
         """fileUri -> its record, or why there is none, for a folder's files at once:
         `ls -l` asks for every entry right after the first, so the first pays one round
-        trip for all. Concurrent within META_CONCURRENCY (shared by every folder); each
-        fileUri is asked once however many names show it. `where` names the folder in
-        the log."""
+        trip for all. Concurrent within the API bound's ceiling (shared by every
+        folder; the bound itself adapts below it); each fileUri is asked once however
+        many names show it. `where` names the folder in the log; `each` is told every
+        answer as it comes, for a caller waiting for one file of the batch.
+
+        While the client is still learning whether the server has getFileInfo, its
+        first call goes alone and the others wait (api.py): that first call is the
+        first ref's, the file a caller is waiting for; it takes the first slot in any
+        case."""
         out: dict[str, FileMeta | EnosfsError] = {}
 
-        async def fill(ref: FileRef) -> None:
+        async def fill(
+            ref: FileRef, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
             try:
                 async with self._meta_limit:
+                    task_status.started()
                     out[ref.uri] = await self.file_meta(ref)
             except NotFound as exc:
                 log.debug("%s: %s is referenced but does not exist", where, ref.uri)
@@ -178,20 +225,29 @@ class Catalog:
                 # Still listed; the next getattr of it asks again.
                 log.warning("%s: no metadata for %s: %s", where, uri_id(ref.uri), exc)
                 out[ref.uri] = exc
+            if each is not None:
+                each(ref.uri, out[ref.uri])
 
-        unique = {ref.uri: ref for ref in refs}
+        todo = list({ref.uri: ref for ref in refs}.values())
+        if todo and getattr(self.client, "file_info_supported", True) is None:
+            await fill(todo.pop(0))
         async with trio.open_nursery() as nursery:
-            for ref in unique.values():
+            if todo:
+                await nursery.start(fill, todo.pop(0))
+            for ref in todo:
                 nursery.start_soon(fill, ref)
         return out
 
-    async def unlisted_file(self, org: str, asset: str, category: str, name: str) -> Entry | None:
-        """The file whose fileUri's id is `name`, though no listing shows it."""
+    async def unlisted_file(
+        self, org: str, asset: str, category: str, name: str, keys: tuple[str, str] = ("", "")
+    ) -> Entry | None:
+        """The file whose fileUri's id is `name`, though no listing shows it (of a
+        device known by asset id, or only by `keys`)."""
         if not self.could_be_file_id(name):
             return None
         uri = "enos-connect://" + name
         try:
-            meta = await self.file_meta(FileRef(org, asset, category, uri))
+            meta = await self.file_meta(FileRef(org, asset, category, uri, *keys))
         except NotFound:
             return None
         return Entry(name, (), uri, meta, {"uri": uri}, meta.create_time_ms)
@@ -199,7 +255,7 @@ class Catalog:
     async def file_meta(self, ref: FileRef) -> FileMeta:
         """One file's record, asked for now (the tree decides when it is due)."""
         meta = await self.client.file_meta(ref)
-        if self.store is not None:
+        if self.store is not None and ref.asset:  # (one known by keys only is not kept)
             self.store.save_meta((ref.org, ref.asset, ref.category), meta, self.wall())
         return meta
 
@@ -207,11 +263,13 @@ class Catalog:
 
     async def kept_assets(self, org: str) -> tuple[list[str], float] | None:
         """The org's asset ids as the store kept them, and when (in `clock`) they were
-        listed; once per mount (the first listing), None where there are none."""
+        listed; once per mount (the first listing), None where there are none. What
+        search said of the devices then comes back too, into `known`."""
         kept = await self._kept_of(org)
         if kept is None or kept.assets is None:
             return None
         stored, kept.assets = kept.assets, None
+        self._learn(org, kept.known)
         return stored.value, self._then(stored.age(self.wall()))
 
     async def kept_entries(
@@ -303,17 +361,54 @@ class Catalog:
         self.devices.put(key, dev)
         return dev
 
+    async def models_ahead(self, org: str, asset_ids: list[str]) -> None:
+        """Fetch, all at once, the thing models of the org's listed devices that are not
+        known yet: the first listing of any of its assets' feature folders then waits
+        for no model (a round trip less before its first file). A few models serve
+        thousands of devices; an org with more than MODELS_AHEAD of them is left to
+        the walk that needs them. Failures are left to the listing that needs it."""
+        wanted: dict[str, None] = {}
+        for asset in asset_ids:
+            device = self.devices.fresh((org, asset))
+            model_id = device.model_id if device is not None else ""
+            if model_id and self.models.fresh((org, model_id)) is None:
+                wanted[model_id] = None
+        if not wanted or len(wanted) > MODELS_AHEAD:
+            return
+
+        async def one(model_id: str) -> None:
+            try:
+                await self._features(org, model_id)
+            except EnosfsError as exc:
+                log.debug("thing model %s not fetched ahead: %s", model_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for model_id in wanted:
+                nursery.start_soon(one, model_id)
+
     async def _features(self, org: str, model_id: str) -> FileFeatures:
         key = (org, model_id)
         cached = self.models.fresh(key)
         if cached is not None:
             return cached
+        flight = self._model_flights.get(key)
+        if flight is not None:  # asked already (models_ahead): one call for both
+            await flight.wait()
+            cached = self.models.fresh(key)
+            if cached is not None:
+                return cached
+        done = self._model_flights[key] = trio.Event()
         try:
-            features = await self.client.get_file_features(org, model_id)
-        except (Denied, NotFound) as exc:
-            self._say_denied(f"thing model {model_id}", exc)
-            features = FileFeatures()
-        self.models.put(key, features)
+            try:
+                features = await self.client.get_file_features(org, model_id)
+            except (Denied, NotFound) as exc:
+                self._say_denied(f"thing model {model_id}", exc)
+                features = FileFeatures()
+            self.models.put(key, features)
+        finally:
+            if self._model_flights.get(key) is done:
+                del self._model_flights[key]
+            done.set()
         return features
 
     async def _firmwares(self, org: str, product_key: str) -> list[Firmware]:
@@ -329,7 +424,43 @@ class Catalog:
         self.firmwares.put(key, found)
         return found
 
-    def _configured(self, org: str, asset: str, category: str) -> list[Entry]:
+    # -- devices known by key ------------------------------------------------------------
+
+    def _learn(self, org: str, known: list[Known] | None) -> None:
+        """What search said of the org's devices: for the views, and for configured
+        files that name their device by key."""
+        self.known[org] = known
+        wanted = self._keyed_devices(org)
+        self._keyed_assets[org] = {
+            k.asset_id: (k.product_key, k.device_key)
+            for k in known or ()
+            if (k.product_key, k.device_key) in wanted
+        }
+
+    def _keyed_devices(self, org: str) -> set[tuple[str, str]]:
+        return {
+            (f.product_key, f.device_key)
+            for f in self.settings.files
+            if f.org == org and not f.asset
+        }
+
+    def keyed_only(self, org: str) -> list[tuple[str, str]]:
+        """(product key, device key) of the devices configured files name by key that
+        no search found (it may not search, or they are not there): they have no asset
+        id to go by, and are shown by their keys alone (by-key/)."""
+        found = set(self._keyed_assets.get(org, {}).values())
+        return sorted(self._keyed_devices(org) - found)
+
+    def keyed_entries(self, org: str, keys: tuple[str, str], category: str) -> list[Entry]:
+        """The files of a device known only by its keys: those the configuration names
+        (there is no asset id to discover others by)."""
+        return self._configured(org, "", category, keys)
+
+    def _configured(
+        self, org: str, asset: str, category: str, keys: tuple[str, str] | None = None
+    ) -> list[Entry]:
+        if keys is None:
+            keys = self._keyed_assets.get(org, {}).get(asset)
         return [
             Entry(
                 # The configuration checks names, but a URI's tail may still be '..'.
@@ -341,7 +472,12 @@ class Catalog:
                 None,
             )
             for f in self.settings.files
-            if (f.org, f.asset, f.category) == (org, asset, category)
+            if (f.org, f.category) == (org, category)
+            and (
+                f.asset == asset
+                if f.asset
+                else keys is not None and (f.product_key, f.device_key) == keys
+            )
         ]
 
     async def _feature_entries(self, org: str, asset: str) -> list[Entry]:

@@ -488,9 +488,12 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         honour_range=not args.no_range,
         file_info=not args.no_file_info,
         token_rejection=args.token_rejection,
+        lark_url_lifetime=args.lark_url_lifetime,
     )
     if args.token_lifetime <= 0:
         raise ConfigError("--token-lifetime must be above zero")
+    if args.lark_url_lifetime <= 0:
+        raise ConfigError("--lark-url-lifetime must be above zero")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     faults = Faults(args.fault_seed)
@@ -521,6 +524,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             expose_admin=args.expose_admin,
             network=network,
             rate_limit=rate_limit,
+            objectstore_port=args.objectstore_port,
         )
     )
 
@@ -693,10 +697,23 @@ def parser() -> argparse.ArgumentParser:
         "--seed",
         help="'demo'; a seed JSON file or folder holding seed.json; or a generated "
         "organisation, e.g. generate:devices=5000,models=1,products=5,attrs=2,points=1,"
-        "firmware=1 (also file_min, file_max, firmware_min, firmware_max, seed)",
+        "firmware=1 (also file_min, file_max, firmware_min, firmware_max, seed, and lark: "
+        "the percentage of files kept in object storage)",
     )
     e.add_argument("--data-dir", help="where file bytes and state are kept (default: temporary)")
     e.add_argument("--token-lifetime", type=float, default=7200.0, help="seconds")
+    e.add_argument(
+        "--objectstore-port",
+        type=int,
+        default=0,
+        help="port of the object store that serves enos-lark:// files (default: any free)",
+    )
+    e.add_argument(
+        "--lark-url-lifetime",
+        type=float,
+        default=300.0,
+        help="seconds a signed object-store URL (getDownloadUrl) is good for",
+    )
     e.add_argument("--no-range", action="store_true", help="ignore Range headers (200 + all)")
     e.add_argument(
         "--no-file-info",

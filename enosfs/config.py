@@ -59,13 +59,16 @@ class Secret:
 @dataclass(frozen=True)
 class ConfiguredFile:
     """A file named in the configuration: shown even where no listing API finds it.
-    (Not api.FileRef, which is how the client addresses any file.)"""
+    (Not api.FileRef, which is how the client addresses any file.) Its device is
+    named by asset id, or (asset "") by product and device key."""
 
     org: str
     asset: str
     category: str
     uri: str
     name: str | None = None
+    product_key: str = ""
+    device_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -302,10 +305,17 @@ def settings_from_dict(
         raise ConfigError("file must be an array of tables: [[file]]")
     for i, f in enumerate(files_raw):
         where = f"file[{i}]"
-        f = check_table(f, where, {"org", "asset", "category", "uri", "name"})
-        for key in ("org", "asset", "uri"):
+        f = check_table(
+            f, where, {"org", "asset", "product_key", "device_key", "category", "uri", "name"}
+        )
+        for key in ("org", "uri"):
             if key not in f:
                 raise ConfigError(f"missing {where}.{key}")
+        keyed = "product_key" in f or "device_key" in f
+        if keyed == ("asset" in f) or (keyed and not {"product_key", "device_key"} <= f.keys()):
+            raise ConfigError(
+                f"{where} must name its device by asset, or by product_key and device_key"
+            )
         category = f.get("category", "feature")
         if category not in CATEGORIES:
             raise ConfigError(f"{where}.category must be 'feature' or 'ota'")
@@ -318,10 +328,12 @@ def settings_from_dict(
         files.append(
             ConfiguredFile(
                 org=org,
-                asset=parse_text(f["asset"], f"{where}.asset"),
+                asset=parse_text(f["asset"], f"{where}.asset") if "asset" in f else "",
                 category=category,
                 uri=uri,
                 name=_file_name(f["name"], f"{where}.name") if "name" in f else None,
+                product_key=parse_text(f["product_key"], f"{where}.product_key") if keyed else "",
+                device_key=parse_text(f["device_key"], f"{where}.device_key") if keyed else "",
             )
         )
 

@@ -16,7 +16,7 @@ import contextlib
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import httpx
@@ -24,6 +24,12 @@ import trio
 
 MAX_LINE = 64 * 1024
 LINE_READ = 4096  # small: chunk data read with a size line is copied out again
+
+
+class ProtocolViolation(httpx.RemoteProtocolError):
+    """The server broke HTTP itself (a head that cannot be parsed or framed safely, a
+    bad chunk line), as opposed to a connection cut short: it would answer another
+    attempt the same way, so retry.py fails the call at once instead of retrying."""
 
 
 class Connection:
@@ -66,7 +72,7 @@ class Connection:
         """The next CRLF-ended line, without its CRLF (chunked framing)."""
         while (end := self.buffer.find(b"\r\n")) < 0:
             if len(self.buffer) > MAX_LINE:
-                raise httpx.RemoteProtocolError("chunked framing line too long")
+                raise ProtocolViolation("chunked framing line too long")
             more = bytearray(LINE_READ)
             n = await self._socket_into(memoryview(more), timeout)
             if not n:
@@ -175,28 +181,35 @@ class TlsConnection(Connection):
 
     async def _receive_into(self, view: memoryview) -> int:
         while not self.eof:
-            n = self._drain(view)
+            n, wait = self._drain(view)
             if n:
                 return n
             if not self.eof:
-                await trio.lowlevel.wait_readable(self.sock)
+                await wait(self.sock)
         return 0
 
-    def _drain(self, view: memoryview) -> int:
+    def _drain(self, view: memoryview) -> tuple[int, Callable[[socket.socket], Awaitable[None]]]:
         """Decrypt what has arrived into view, record by record, without waiting: one
-        call per wake-up rather than one per 16 KiB record."""
+        call per wake-up rather than one per 16 KiB record. Also says what to wait for
+        before the next try: a read can need to write first (a TLS 1.3 key update, or
+        a renegotiation, answered while the send buffer is full), and waiting for
+        bytes that the server only sends after ours would hang until the timeout."""
         n = 0
+        wait: Callable[[socket.socket], Awaitable[None]] = trio.lowlevel.wait_readable
         while n < len(view):
             try:
                 got = self.sock.recv_into(view[n:])
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                wait = trio.lowlevel.wait_writable
                 break
             self.counts["tls_recv_into"] += 1
             if got == 0:
                 self.eof = True
                 break
             n += got
-        return n
+        return n, wait
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

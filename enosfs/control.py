@@ -35,7 +35,7 @@ from enosfs.errors import EnosfsError
 
 if TYPE_CHECKING:
     from enosfs.changes import Changes
-    from enosfs.namespace import Namespace
+    from enosfs.namespace import Namespace, Node
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class ControlServer:
             }
         expired = self.ns.refresh(node)
         await self.changes.refreshed(expired)
+        await self._forget_kept(node)
         log.info(
             "refresh of %s: %d folders, %d files to be asked again",
             node.path,
@@ -203,6 +204,36 @@ class ControlServer:
             expired.files,
         )
         return {"ok": True, "path": node.path, "folders": expired.folders, "files": expired.files}
+
+    async def _forget_kept(self, node: Node) -> None:
+        """Drop what the metadata store holds of node's subtree, on disk before the
+        answer: a remount right after must ask EnOS, not serve the records the refresh
+        was meant to replace (they are within their TTL, and would be)."""
+        store = self.ns.catalog.store
+        scope = store_scope(node)
+        if store is None or scope is None:
+            return
+        store.forget(scope)
+        if await store.flush():
+            log.warning("refresh of %s: the metadata store could not drop it in time", node.path)
+
+
+def store_scope(node: Node) -> tuple[str, ...] | None:
+    """The metadata store's part of node's subtree (see MetaStore.forget): its org,
+    asset, category and fileUri as far as node has them; None for the mount's own."""
+    from enosfs.namespace import Dir, DirKind, File
+
+    if isinstance(node, File):
+        ref = node.ref
+        return (ref.org, ref.asset, ref.category, ref.uri)
+    if not isinstance(node, Dir) or node.kind is DirKind.CONTROL:
+        return None
+    scope: list[str] = []
+    for part in (node.org, node.asset, node.category):
+        if not part:
+            break
+        scope.append(part)
+    return tuple(scope)
 
 
 class BadRequest(Exception):

@@ -34,6 +34,13 @@ class DeadlineError(TransportError):
     errno = errno.ETIMEDOUT
 
 
+class ProxyAuthError(TransportError):
+    """The HTTP proxy asks for credentials (HTTP 407) that we lack, or refused ours:
+    another attempt would be refused the same way, so none is made."""
+
+    errno = errno.EACCES
+
+
 class ProtocolError(TransportError):
     """The server answered something that is not what EnOS sends (bad JSON, short body...)."""
 
@@ -87,6 +94,11 @@ class NotFound(ApiError):
 
 class Denied(ApiError):
     errno = errno.EACCES
+
+
+class UrlRefused(Denied):
+    """The object store refused a pre-signed URL (HTTP 401/403: expired, revoked, or
+    signed for something else): a new URL may be let in where this one was not."""
 
 
 class InvalidArgument(ApiError):

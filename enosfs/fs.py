@@ -26,7 +26,7 @@ from enosfs.changes import Changes
 from enosfs.config import Settings
 from enosfs.errors import AuthError, DeadlineError, EnosfsError, IntegrityError, errno_of
 from enosfs.integrity import Reading
-from enosfs.namespace import ControlFile, Dir, File, Namespace, Node
+from enosfs.namespace import ControlFile, Dir, File, Link, Namespace, Node
 from enosfs.quiet import Quieter
 from enosfs.readahead import FolderReadAhead, ReadAhead
 from enosfs.walkahead import IN_FLIGHT, WalkAhead
@@ -56,17 +56,24 @@ _quiet = Quieter(log)
 Handler = Callable[Concatenate["EnosFS", P], Coroutine[Any, Any, R]]
 
 
-def guarded(op: str, *, paced: bool = False) -> Callable[[Handler[P, R]], Handler[P, R]]:
+def guarded(
+    op: str, *, paced: bool = False, bounded: bool = True
+) -> Callable[[Handler[P, R]], Handler[P, R]]:
     """Answer every failure with an errno, within the mount's deadline; log what is not
     an ordinary EnOS failure, and ordinary ones without repeating them. A paced call
     (read) keeps its own deadline, which bytes that keep coming push back (blocks.py);
-    it gets only a backstop here."""
+    it gets only a backstop here. An unbounded one never waits, or bounds its own waits:
+    a cancel scope per call is a measurable share of a walk over a big organisation,
+    which costs an opendir and two readdir per folder."""
 
     def wrap(fn: Handler[P, R]) -> Handler[P, R]:
         @functools.wraps(fn)
         async def handler(fs: EnosFS, *args: P.args, **kwargs: P.kwargs) -> R:
             deadline = fs.read_backstop if paced else fs.op_deadline
+            fs.ops[op] += 1
             try:
+                if not bounded:
+                    return await fn(fs, *args, **kwargs)
                 with trio.fail_after(deadline):
                     return await fn(fs, *args, **kwargs)
             except pyfuse3.FUSEError as exc:
@@ -150,6 +157,9 @@ class EnosFS(pyfuse3.Operations):
         # The version whose pages the kernel may hold, per inode (keep_cache decisions).
         self.kernel_versions: dict[int, object] = {}
         self.counts: Counter[str] = Counter()
+        # Requests from the kernel by kind: what a walk costs, as FUSE sees it (a walk
+        # over a big organisation is bound by their number, not by what each does).
+        self.ops: Counter[str] = Counter()
         self.readers: Counter[tuple[object, ...]] = Counter()  # open handles per file version
         self.snapshots: dict[int, bytes] = {}  # open control files: what they showed
         self.lookups: Counter[int] = Counter()  # the kernel's references, per inode
@@ -176,6 +186,7 @@ class EnosFS(pyfuse3.Operations):
                 "reads": self.counts["reads"],
                 "read_bytes": self.counts["read_bytes"],
                 "open_files": len(self.handles),
+                "ops": dict(sorted(self.ops.items())),
             },
             "whole_readings": {
                 "checked": self.counts["readings_checked"],
@@ -219,6 +230,11 @@ class EnosFS(pyfuse3.Operations):
             a.st_blocks = (size + 511) // 512
             if node.mtime_ms is not None:
                 mtime = node.mtime_ms * 1_000_000
+        elif isinstance(node, Link):
+            # A link's own mode bits mean nothing on Linux; lrwxrwxrwx is what ls shows.
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_nlink = 1
+            a.st_size = len(node.target.encode("utf-8"))
         else:
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2
@@ -280,11 +296,21 @@ class EnosFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         return await self._fresh_attrs(self._node(inode))
 
-    @guarded("opendir")
+    @guarded("readlink")
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
+        node = self._node(inode)
+        if not isinstance(node, Link):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target.encode("utf-8")
+
+    @guarded("opendir", bounded=False)
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         d = self._dir(inode)
         self.walk_ahead.visited(d)  # before waiting for this one, so they overlap
-        entries = await self.ns.children(d)
+        entries = self.ns.listed(d)  # a walk finds most folders listed: no wait
+        if entries is None:
+            with trio.fail_after(self.op_deadline):
+                entries = await self.ns.children(d)
         fh = next(self._fh)
         # A snapshot per handle: offsets stay valid however the listing changes.
         self.dir_handles[fh] = [
@@ -292,7 +318,7 @@ class EnosFS(pyfuse3.Operations):
         ]
         return fh
 
-    @guarded("readdir")
+    @guarded("readdir", bounded=False)  # never waits
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self.dir_handles.get(fh)
         if entries is None:
@@ -304,12 +330,14 @@ class EnosFS(pyfuse3.Operations):
             self.lookups[node.inode] += 1  # readdirplus: the kernel now knows the entry
 
     async def releasedir(self, fh: int) -> None:
+        self.ops["releasedir"] += 1
         self.dir_handles.pop(fh, None)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """The kernel let go of these inodes. A node that no listing shows any more
         (a file deleted or replaced on the server) can then go too: without this the
         table of nodes would only ever grow on a long-lived mount."""
+        self.ops["forget"] += 1
         for inode, n in inode_list:
             left = self.lookups[inode] - n
             if left > 0:
@@ -327,6 +355,8 @@ class EnosFS(pyfuse3.Operations):
         node = self._node(inode)
         if isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if isinstance(node, Link):
+            raise pyfuse3.FUSEError(errno.ELOOP)  # the kernel follows links itself
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, ControlFile):
@@ -442,6 +472,7 @@ class EnosFS(pyfuse3.Operations):
                 wait_limit=max(MIN_WAIT, self.cache.wait_limit - h.waited),
                 # The rest of a system call whose read just ran out of time.
                 no_wait=started - h.timed_out_at < FAILURE_MEMORY,
+                random_access=h.readahead.random(off, size),
             )
         except BaseException as exc:
             h.waited = 0.0
@@ -552,6 +583,9 @@ class EnosFS(pyfuse3.Operations):
             "category": node.ref.category,
             "org": node.ref.org,
         }
+        if not node.ref.asset:  # a device known by its keys alone
+            out.update(product_key=node.ref.product_key, device_key=node.ref.device_key)
+            del out["asset"]
         for key in ("feature", "feature_type", "firmware_id", "firmware", "version"):
             if node.origin.get(key):
                 out[key] = node.origin[key]

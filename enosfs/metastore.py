@@ -3,7 +3,8 @@
 A big organisation costs thousands of API calls to walk (device search pages, one
 queryLatest per device, one getFileInfo per file); a remount that forgets all of it
 makes the user wait minutes for answers nothing has changed. This store keeps, in the
-cache folder, what the catalog learnt: per org its asset ids, per (org, asset,
+cache folder, what the catalog learnt: per org its asset ids (and what device search
+said people name them by, for the by-name and by-key views), per (org, asset,
 category) its listing, per file (place plus fileUri) its FileMeta, each with the
 wall-clock time it was fetched, so it expires after a remount exactly when it would
 have without one.
@@ -46,12 +47,13 @@ import trio
 from enosfs.api import FileMeta
 from enosfs.catalog import Entry
 from enosfs.errors import EnosfsError
+from enosfs.views import Known
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "metadata.sqlite3"
 DAMAGED_SUFFIX = ".damaged"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: assets.known
 # Records waiting for the writer beyond this are dropped (and asked again next mount):
 # a disk that cannot keep up must not grow the mount's memory without bound.
 MAX_PENDING = 100_000
@@ -63,7 +65,9 @@ DRAIN_TIME = 5.0
 _BUSY_TIMEOUT = 5.0
 
 _SCHEMA = (
-    "CREATE TABLE assets (org TEXT PRIMARY KEY, ids TEXT NOT NULL, fetched REAL NOT NULL)",
+    # known: the views' device names and keys (views.Known), NULL where search was denied.
+    "CREATE TABLE assets (org TEXT PRIMARY KEY, ids TEXT NOT NULL, known TEXT,"
+    " fetched REAL NOT NULL)",
     "CREATE TABLE listings (org TEXT NOT NULL, asset TEXT NOT NULL, category TEXT NOT NULL,"
     " entries TEXT NOT NULL, fetched REAL NOT NULL,"
     " PRIMARY KEY (org, asset, category)) WITHOUT ROWID",
@@ -98,6 +102,7 @@ class OrgRecord:
     """All the store holds of one org, as loaded at its first use."""
 
     assets: Stored[list[str]] | None = None
+    known: list[Known] | None = None  # fetched with assets
     listings: dict[tuple[str, str], Stored[list[Entry]]] = field(default_factory=dict)
     metas: dict[tuple[str, str, str], Stored[FileMeta]] = field(default_factory=dict)
 
@@ -157,6 +162,22 @@ def _entries_from(text: str) -> list[Entry]:
     return entries
 
 
+def _known_json(known: list[Known] | None) -> str | None:
+    if known is None:
+        return None
+    rows = [[k.asset_id, k.name, k.product_key, k.device_key] for k in known]
+    return json.dumps(rows, separators=(",", ":"))
+
+
+def _known_from(text: str) -> list[Known]:
+    rows = json.loads(text)
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and len(r) == 4 and all(isinstance(v, str) for v in r) for r in rows
+    ):
+        raise ValueError("not a list of devices")
+    return [Known(*r) for r in rows]
+
+
 _UNREADABLE = (ValueError, TypeError, EnosfsError)  # json, shape, and FileMeta's own check
 
 
@@ -206,13 +227,16 @@ class MetaFile:
         bad = 0
         with self._lock:
             c = self.conn
-            row = c.execute("SELECT ids, fetched FROM assets WHERE org = ?", (org,)).fetchone()
+            row = c.execute(
+                "SELECT ids, known, fetched FROM assets WHERE org = ?", (org,)
+            ).fetchone()
             if row is not None:
                 try:
                     ids = json.loads(row[0])
                     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                         raise ValueError("not a list of ids")
-                    record.assets = Stored(ids, float(row[1]))
+                    known = None if row[1] is None else _known_from(row[1])
+                    record.assets, record.known = Stored(ids, float(row[2])), known
                 except _UNREADABLE:
                     bad += 1
             for asset, category, text, fetched in c.execute(
@@ -258,10 +282,12 @@ class MetaFile:
             }
 
 
-def _write_assets(c: sqlite3.Connection, org: str, ids: list[str], fetched: float) -> None:
+def _write_assets(
+    c: sqlite3.Connection, org: str, ids: list[str], known: list[Known] | None, fetched: float
+) -> None:
     c.execute(
-        "INSERT OR REPLACE INTO assets VALUES (?, ?, ?)",
-        (org, json.dumps(ids, separators=(",", ":")), fetched),
+        "INSERT OR REPLACE INTO assets VALUES (?, ?, ?, ?)",
+        (org, json.dumps(ids, separators=(",", ":")), _known_json(known), fetched),
     )
     # What an org no longer lists goes with it, so the store stays the size of the org.
     listed = set(ids)
@@ -305,7 +331,27 @@ def _write_meta(c: sqlite3.Connection, place: Place, meta: FileMeta, fetched: fl
     )
 
 
-_WRITERS: dict[str, Any] = {"assets": _write_assets, "listing": _write_listing, "meta": _write_meta}
+def _write_forget(c: sqlite3.Connection, scope: tuple[str, ...]) -> None:
+    """Drop what is held of a subtree (see MetaStore.forget)."""
+    columns = ("org", "asset", "category", "uri")
+    # A file's folder goes too: it is listed again, as the mount lists it again.
+    folder = scope[:3]
+
+    def where(values: tuple[str, ...]) -> str:
+        return " AND ".join(f"{name} = ?" for name in columns[: len(values)]) or "1"
+
+    if len(scope) <= 1:
+        c.execute(f"DELETE FROM assets WHERE {where(scope)}", scope)
+    c.execute(f"DELETE FROM listings WHERE {where(folder)}", folder)
+    c.execute(f"DELETE FROM metas WHERE {where(scope)}", scope)
+
+
+_WRITERS: dict[str, Any] = {
+    "assets": _write_assets,
+    "listing": _write_listing,
+    "meta": _write_meta,
+    "forget": _write_forget,
+}
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -405,9 +451,19 @@ class MetaStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def save_assets(self, org: str, ids: list[str], fetched: float | None = None) -> None:
-        """The org's asset ids, as listed; what it no longer lists is dropped."""
-        self._queue(("assets", org), ("assets", org, list(ids), _when(fetched)))
+    def save_assets(
+        self,
+        org: str,
+        ids: list[str],
+        fetched: float | None = None,
+        known: list[Known] | None = None,
+    ) -> None:
+        """The org's asset ids, as listed, and what search said of its devices (None:
+        search was not allowed); what it no longer lists is dropped."""
+        self._queue(
+            ("assets", org),
+            ("assets", org, list(ids), None if known is None else list(known), _when(fetched)),
+        )
 
     def save_listing(
         self, place: Place, entries: list[Entry], fetched: float | None = None
@@ -420,10 +476,19 @@ class MetaStore:
         """A file's record, as getFileInfo (or a probe) gave it."""
         self._queue(("meta", *place, meta.uri), ("meta", place, meta, _when(fetched)))
 
+    def forget(self, scope: tuple[str, ...]) -> None:
+        """Drop what is held of a subtree (`enosfs refresh`), so that a remount asks
+        EnOS rather than serve what the refresh was meant to replace: scope is a prefix
+        of (org, asset, category, fileUri), () for everything; a file's folder listing
+        goes with it. Queued behind the records saved before it, so none of those
+        comes back; flush() to have it on disk."""
+        self._queue(("forget", *scope), ("forget", tuple(scope)))
+
     def _queue(self, key: tuple[str, ...], record: tuple[Any, ...]) -> None:
         if self.file is None:
             return
-        if key not in self._pending and len(self._pending) >= MAX_PENDING:
+        # A forget is never dropped: the records it removes would be served again.
+        if key not in self._pending and len(self._pending) >= MAX_PENDING and key[0] != "forget":
             self.counts["dropped"] += 1
             return
         # Out and in again: the record takes its place in time order, after (say) an

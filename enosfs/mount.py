@@ -27,8 +27,8 @@ import httpx
 import pyfuse3
 import trio
 
-from enosfs import __version__
-from enosfs.api import EnosClient
+from enosfs import __version__, heap
+from enosfs.api import DEVICE_PAGE, Device, EnosClient
 from enosfs.auth import TokenSource
 from enosfs.blocks import BlockCache
 from enosfs.changes import Changes
@@ -50,11 +50,14 @@ from enosfs.namespace import Namespace
 from enosfs.proxies import Proxies
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.stats import Parts, render_config, render_stats, render_version, snapshot
-from enosfs.transport import LeanTransport
+from enosfs.transport import LeanTransport, origin_of
 
 log = logging.getLogger(__name__)
 
 FUSE_DEVICE = "/dev/fuse"
+# Idle connections opened to each API host at mount: a file's size and its first bytes,
+# or the first round of a folder's sizes, go at once and find one each.
+WARM_CONNECTIONS = 4
 
 
 @dataclass(frozen=True)
@@ -189,13 +192,20 @@ def lean_transport(settings: Settings) -> LeanTransport:
     )
 
 
-async def check_orgs(client: EnosClient, settings: Settings) -> None:
-    """Unknown organisations are configuration mistakes: say so before mounting."""
+async def check_orgs(client: EnosClient, settings: Settings) -> dict[str, list[Device]]:
+    """Unknown organisations are configuration mistakes: say so before mounting.
+
+    Returns the devices of each organisation whose first page of device search held
+    them all: its first listing needs no search of its own then (a round trip less
+    before the first file far away)."""
+    whole: dict[str, list[Device]] = {}
     for org in settings.orgs:
         if not org.discover:
             continue
         try:
-            await client.search_devices_page(org.org_id, 1)
+            devices, total = await client.search_devices_page(org.org_id, 1)
+            if total is None or len(devices) < DEVICE_PAGE or total <= len(devices):
+                whole[org.org_id] = list({d.asset_id: d for d in devices}.values())
         except (InvalidArgument, NotFound) as exc:
             raise ConfigError(f"organisation {org.org_id}: {exc.msg}") from None
         except Denied as exc:
@@ -205,6 +215,7 @@ async def check_orgs(client: EnosClient, settings: Settings) -> None:
                 org.org_id,
                 exc.msg,
             )
+    return whole
 
 
 def is_loopback_host(host: str) -> bool:
@@ -369,9 +380,12 @@ class Mount:
                 lean=lean,
                 max_api_concurrency=s.max_api_concurrency,
             )
-            await check_orgs(p.client, s)
+            searched = await check_orgs(p.client, s)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(p.tokens.run)
+                # Idle connections for the first requests that go at once (transport.py).
+                hosts = [origin_of(httpx.URL(s.gateway)), origin_of(httpx.URL(s.integration))]
+                nursery.start_soon(lean.warm, hosts, WARM_CONNECTIONS)
                 p.cache = BlockCache(
                     p.client,
                     nursery,
@@ -386,6 +400,10 @@ class Mount:
                 ns = Namespace(p.client, s)
                 # Listings and sizing batches outlive a caller that gives up at its deadline.
                 ns.nursery = nursery
+                for org_id, devices in searched.items():
+                    ns.catalog.offer_devices(org_id, devices)
+                    ids = [d.asset_id for d in devices]
+                    nursery.start_soon(ns.catalog.models_ahead, org_id, ids)
                 if store is not None:
                     ns.catalog.store = store
                     nursery.start_soon(store.run)
@@ -486,6 +504,7 @@ def run_foreground(
 ) -> None:
     """Mount and serve until unmounted or signalled. Raises EnosfsError for the CLI."""
     check_fuse()
+    heap.tune()
     trio.run(Mount(settings, mountpoint, metrics_addr).run, ready)
 
 

@@ -13,6 +13,10 @@ the first file of a folder whose attributes are asked for has the whole folder s
 A file's node keeps its identity (and so its inode) while its fileUri stays the same; a
 new fileUri under the same name is a new node, so the kernel never mixes the pages of
 two files.
+
+Beside its asset folders, an organisation shows by-name/ and by-key/ (views.py):
+folders of symbolic links to them, made by the organisation's own listing and fresh
+exactly as long as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from enosfs.config import CATEGORIES, Settings
 from enosfs.errors import EnosfsError, NotFound, TransportError
 from enosfs.naming import safe_name, settle, uri_id
 from enosfs.source import Listings
+from enosfs.views import BY_KEY, BY_NAME, VIEW_NAMES, Known, by_key, by_name
 
 if TYPE_CHECKING:
     from enosfs.changes import Changes
@@ -56,6 +61,13 @@ class DirKind(enum.Enum):
     ASSET = "asset"
     CATEGORY = "category"
     CONTROL = "control"
+    BY_NAME = "by-name"  # /ORG/by-name: links named by deviceName
+    BY_KEY = "by-key"  # /ORG/by-key: a folder per product key
+    PRODUCT = "product"  # /ORG/by-key/PRODUCT_KEY: links named by device key
+
+
+# Folders the organisation's listing fills (views.py): no listing of their own.
+VIEW_KINDS = frozenset({DirKind.BY_NAME, DirKind.BY_KEY, DirKind.PRODUCT})
 
 
 @dataclass(eq=False)
@@ -80,6 +92,8 @@ class Dir(Node):
     org: str = ""
     asset: str = ""
     category: str = ""
+    # (product key, device key) of a device known by nothing else (asset ""): views.py.
+    keys: tuple[str, str] | None = None
     children: dict[str, Node] | None = None
     hidden: dict[str, Node] = field(default_factory=dict)
     missing: dict[str, float] = field(default_factory=dict)
@@ -101,10 +115,30 @@ class Dir(Node):
 @dataclass(eq=False)
 class Sizing:
     """One batch of getFileInfo for a folder: callers wanting one of its files wait for
-    it, then read that file's record from the node, or its failure from here."""
+    that file's answer (not the whole batch's: opening one file of a folder of hundreds
+    costs one round trip), then read its record from the node, or its failure from here."""
 
     done: trio.Event = field(default_factory=trio.Event)
     failed: dict[int, EnosfsError] = field(default_factory=dict)
+    settled: set[int] = field(default_factory=set)  # inodes whose answer came
+    waiting: dict[int, trio.Event] = field(default_factory=dict)
+
+    def settle(self, inode: int) -> None:
+        self.settled.add(inode)
+        event = self.waiting.pop(inode, None)
+        if event is not None:
+            event.set()
+
+    def finish(self) -> None:
+        self.done.set()
+        for event in self.waiting.values():
+            event.set()
+        self.waiting.clear()
+
+    async def wait_for(self, inode: int) -> None:
+        if inode in self.settled or self.done.is_set():
+            return
+        await self.waiting.setdefault(inode, trio.Event()).wait()
 
 
 @dataclass(eq=False)
@@ -115,6 +149,15 @@ class File(Node):
     # Where the file came from, for xattrs.
     origin: dict[str, str] = field(default_factory=dict)
     mtime_ms: int | None = None
+
+
+@dataclass(eq=False)
+class Link(Node):
+    """A symbolic link of a view to an asset folder: `target` is relative ("../A"), so
+    it stays right wherever the mount is."""
+
+    target: str
+    asset: str
 
 
 @dataclass(eq=False)
@@ -174,13 +217,23 @@ class Namespace:
         org: str = "",
         asset: str = "",
         category: str = "",
+        keys: tuple[str, str] | None = None,
     ) -> Dir:
-        d = Dir(next(self._inodes), name, parent, kind, org=org, asset=asset, category=category)
+        d = Dir(
+            next(self._inodes),
+            name,
+            parent,
+            kind,
+            org=org,
+            asset=asset,
+            category=category,
+            keys=keys,
+        )
         self.nodes[d.inode] = d
         return d
 
     def _new_file(self, name: str, parent: Dir, entry: Entry) -> File:
-        ref = FileRef(parent.org, parent.asset, parent.category, entry.uri)
+        ref = FileRef(parent.org, parent.asset, parent.category, entry.uri, *(parent.keys or ()))
         f = File(
             next(self._inodes), name, parent, ref, origin=entry.origin, mtime_ms=entry.mtime_ms
         )
@@ -202,7 +255,13 @@ class Namespace:
         callers want it), not in the caller: a caller that gives up at its deadline
         does not take a half-done listing of a large folder down with it, and the next
         caller finds it finished.
+
+        A view (by-name/, by-key/) is filled by its organisation's listing: it is as
+        fresh as that, and listing it lists the organisation where that is due.
         """
+        if d.kind in VIEW_KINDS:
+            await self.children(self._org_of(d))
+            return d.children if d.children is not None else {}
         if self.fresh(d):
             assert d.children is not None
             return d.children
@@ -251,7 +310,7 @@ class Namespace:
         if d.kind is DirKind.ORG:
             assets = await self.catalog.kept_assets(d.org)
             return None if assets is None else (self._place_assets(d, assets[0], {}), assets[1])
-        if d.kind is DirKind.CATEGORY:
+        if d.kind is DirKind.CATEGORY and d.keys is None:
             kept = await self.catalog.kept_entries(d.org, d.asset, d.category)
             return None if kept is None else (self._place(d, kept[0], {}), kept[1])
         return None
@@ -297,10 +356,13 @@ class Namespace:
     async def _lookup_unlisted(self, d: Dir, name: str) -> Node | None:
         """An asset or file that no listing shows but that a user can name."""
         if d.kind is DirKind.ORG:
-            if not await self.catalog.has_asset(d.org, name):
+            # The views' names mean the views or nothing (where search is denied).
+            if name in VIEW_NAMES or not await self.catalog.has_asset(d.org, name):
                 return None
             return self._asset_dir(d, name)
-        entry = await self.catalog.unlisted_file(d.org, d.asset, d.category, name)
+        entry = await self.catalog.unlisted_file(
+            d.org, d.asset, d.category, name, d.keys or ("", "")
+        )
         if entry is None:
             return None
         return self._new_file(name, d, entry)
@@ -316,13 +378,21 @@ class Namespace:
                 out[CONTROL_DIR] = self.control
             return out
         if d.kind is DirKind.ORG:
-            return self._place_assets(d, await self.catalog.asset_ids(d.org), old)
+            asset_ids = await self.catalog.asset_ids(d.org)
+            if self.nursery is not None:
+                # Its assets' feature folders need their models next (catalog.py).
+                self.nursery.start_soon(self.catalog.models_ahead, d.org, asset_ids)
+            return self._place_assets(d, asset_ids, old)
         if d.kind is DirKind.ASSET:
             return {
                 c: old.get(c)
-                or self._new_dir(c, d, DirKind.CATEGORY, org=d.org, asset=d.asset, category=c)
+                or self._new_dir(
+                    c, d, DirKind.CATEGORY, org=d.org, asset=d.asset, category=c, keys=d.keys
+                )
                 for c in CATEGORIES
             }
+        if d.keys is not None:
+            return self._place(d, self.catalog.keyed_entries(d.org, d.keys, d.category), old)
         entries = await self.catalog.entries(d.org, d.asset, d.category)
         return self._place(d, entries, old)
 
@@ -335,12 +405,18 @@ class Namespace:
         """Folder names for asset ids, settled as file names are ('a/b' and 'a_b' both
         want 'a_b'). An id that is its own safe name keeps it, so a plain id never moves
         because an odd one appeared; a folder keeps its node while its name still means
-        the same asset, and the kernel is told to forget a name that now means another."""
+        the same asset, and the kernel is told to forget a name that now means another.
+        The views' names are taken first, whether the views show or not, so an asset
+        named so is named the same on every mount."""
         wanted = [safe_name(a) for a in asset_ids]
+        reserved = [(v, ("",)) for v in VIEW_NAMES]
         names = settle(
-            ((w, ("0" if w == a else "1", a)) for w, a in zip(wanted, asset_ids, strict=True)),
+            [
+                *reserved,
+                *((w, ("0" if w == a else "1", a)) for w, a in zip(wanted, asset_ids, strict=True)),
+            ],
             extensions=False,
-        )
+        )[len(reserved) :]
         out: dict[str, Node] = {}
         for name, asset_id in zip(names, asset_ids, strict=True):
             node = old.get(name)
@@ -353,9 +429,124 @@ class Namespace:
                         self._entry_changed(d, name)
                     node = self._asset_dir(d, asset_id, name)
             out[name] = node
+        self._place_views(d, dict(zip(asset_ids, names, strict=True)), old, out)
         for name in old.keys() - out.keys():
             self._entry_changed(d, name)
         return out
+
+    # -- views ---------------------------------------------------------------------------
+
+    def _place_views(
+        self, d: Dir, folders: dict[str, str], old: dict[str, Node], out: dict[str, Node]
+    ) -> None:
+        """by-name/ and by-key/ into the org folder `out`, from what its device search
+        said (folders: asset id -> its folder's name); none where it may not search,
+        but for by-key/ holding the devices configured files name by key alone.
+        Folders and links keep their nodes while they mean the same; a link to another
+        folder is a new node, and the kernel forgets the old one."""
+        known = self.catalog.known.get(d.org)
+        keyed = [Known("", "", p, k) for p, k in self.catalog.keyed_only(d.org)]
+        if known is not None:
+            names_view = self._view_dir(d, BY_NAME, DirKind.BY_NAME, old)
+            names_view.children = self._place_links(names_view, by_name(known), folders)
+            out[BY_NAME] = names_view
+        if known is None and not keyed:
+            self._drop_views(old, out)
+            return
+        keys_view = self._view_dir(d, BY_KEY, DirKind.BY_KEY, old)
+        before = keys_view.children or {}
+        products: dict[str, Node] = {}
+        for product, devices in by_key([*(known or ()), *keyed]).items():
+            folder = self._view_dir(keys_view, product, DirKind.PRODUCT, before)
+            folder.children = self._place_keyed(folder, devices, folders)
+            products[product] = folder
+        for name in before.keys() - products.keys():
+            self._drop_view(before[name])
+            self._entry_changed(keys_view, name)
+        keys_view.children = products
+        out[BY_KEY] = keys_view
+        self._drop_views(old, out)
+
+    def _drop_views(self, old: dict[str, Node], out: dict[str, Node]) -> None:
+        for name in VIEW_NAMES:
+            if name in old and name not in out:
+                self._drop_view(old[name])
+
+    def _drop_view(self, node: Node) -> None:
+        """A view that no longer shows is emptied, for a shell still inside it."""
+        if isinstance(node, Dir) and node.kind in VIEW_KINDS:
+            for child in (node.children or {}).values():
+                self._drop_view(child)
+            node.children = {}
+
+    def _view_dir(self, parent: Dir, name: str, kind: DirKind, old: dict[str, Node]) -> Dir:
+        node = old.get(name)
+        if isinstance(node, Dir) and node.kind is kind:
+            return node
+        return self._new_dir(name, parent, kind, org=parent.org)
+
+    def _place_links(
+        self, d: Dir, wanted: dict[str, str], folders: dict[str, str]
+    ) -> dict[str, Node]:
+        """by-name/: name -> asset id, as links to the assets' folders."""
+        old = d.children or {}
+        out: dict[str, Node] = {}
+        for name, asset in wanted.items():
+            node = self._link(d, name, asset, folders, old)
+            if node is not None:
+                out[name] = node
+        for name in old.keys() - out.keys():
+            self._entry_changed(d, name)
+        return out
+
+    def _place_keyed(
+        self, d: Dir, wanted: dict[str, Known], folders: dict[str, str]
+    ) -> dict[str, Node]:
+        """by-key/PRODUCT_KEY/: links to the assets' folders, and the own folders of
+        devices known by their keys alone."""
+        old = d.children or {}
+        out: dict[str, Node] = {}
+        for name, k in wanted.items():
+            node: Node | None
+            if k.asset_id:
+                node = self._link(d, name, k.asset_id, folders, old)
+            else:
+                keys = (k.product_key, k.device_key)
+                node = old.get(name)
+                if not (isinstance(node, Dir) and node.kind is DirKind.ASSET and node.keys == keys):
+                    if name in old:
+                        self._entry_changed(d, name)
+                    node = self._new_dir(name, d, DirKind.ASSET, org=d.org, keys=keys)
+            if node is not None:
+                out[name] = node
+        for name in old.keys() - out.keys():
+            self._entry_changed(d, name)
+        return out
+
+    def _link(
+        self, d: Dir, name: str, asset: str, folders: dict[str, str], old: dict[str, Node]
+    ) -> Link | None:
+        """The link `name` in view folder d to the asset's folder (None: it has none),
+        the node it was while its target is the same."""
+        folder = folders.get(asset)
+        if folder is None:
+            return None
+        target = "../" * (2 if d.kind is DirKind.PRODUCT else 1) + folder
+        node = old.get(name)
+        if isinstance(node, Link) and node.target == target:
+            return node
+        if name in old:
+            self._entry_changed(d, name)
+        link = Link(next(self._inodes), name, d, target=target, asset=asset)
+        self.nodes[link.inode] = link
+        return link
+
+    def _org_of(self, d: Dir) -> Dir:
+        node: Dir | None = d
+        while node is not None and node.kind is not DirKind.ORG:
+            node = node.parent
+        assert node is not None, f"{d.path} is in no organisation"
+        return node
 
     def _place(self, d: Dir, entries: list[Entry], old: dict[str, Node]) -> dict[str, Node]:
         """Settle names; keep a node (and its inode) where name and fileUri are unchanged."""
@@ -412,7 +603,7 @@ class Namespace:
             return await self._file_meta_alone(f)  # named by its id: not in a listing
         self._sizes_wanted(d)
         batch = d.sizing.get(f.inode) or await self._size_folder(d, f)
-        await batch.done.wait()
+        await batch.wait_for(f.inode)
         err = batch.failed.get(f.inode)
         if err is None:
             if self.meta_fresh(f):
@@ -474,20 +665,27 @@ class Namespace:
         return batch
 
     async def _size(self, d: Dir, files: list[File], batch: Sizing) -> None:
-        try:
-            found = await self.catalog.sizes([n.ref for n in files], where=d.path)
+        by_uri: dict[str, list[File]] = {}
+        for n in files:
+            by_uri.setdefault(n.ref.uri, []).append(n)
+        gone: list[File] = []
+
+        def settle(uri: str, outcome: FileMeta | EnosfsError) -> None:
+            """One answer, applied as it comes: its callers need not wait for the rest."""
             now = self.clock()
-            gone: list[File] = []
-            for n in files:
-                outcome = found.get(n.ref.uri)
+            for n in by_uri.get(uri, ()):
                 if isinstance(outcome, FileMeta):
                     self._set_meta(n, outcome)
                     d.size_failed_at.pop(n.inode, None)
-                elif outcome is not None:
+                else:
                     batch.failed[n.inode] = outcome
                     d.size_failed_at[n.inode] = now
                     if isinstance(outcome, (NotFound, BadRecord)):
                         gone.append(n)
+                batch.settle(n.inode)
+
+        try:
+            await self.catalog.sizes([n.ref for n in files], where=d.path, each=settle)
             self._drop(d, gone, batch)
         except Exception:
             # A bug, not a server fault: it runs in the mount's nursery, which it must
@@ -499,7 +697,7 @@ class Namespace:
             for n in files:
                 if d.sizing.get(n.inode) is batch:
                     del d.sizing[n.inode]
-            batch.done.set()
+            batch.finish()
 
     def _drop(self, d: Dir, gone: list[File], batch: Sizing) -> None:
         """Files the server says are not there (or cannot be shown) leave the listing
@@ -556,7 +754,17 @@ class Namespace:
             d.children[name] = node
         self.control = d
 
+    def listed(self, d: Dir) -> dict[str, Node] | None:
+        """The folder's entries where children() has them fresh, without waiting: the
+        kernel asks a walk's folders one after another, and most are listed already
+        (read ahead, or kept from an earlier mount); None where it would have to wait."""
+        if not self.fresh(d):
+            return None
+        return {} if d.children is None else d.children  # a view not filled: empty
+
     def fresh(self, d: Dir) -> bool:
+        if d.kind in VIEW_KINDS:
+            return self.fresh(self._org_of(d))
         return d.children is not None and (
             d.kind is DirKind.CONTROL or self.clock() - d.loaded_at < self.ttl
         )
@@ -603,6 +811,9 @@ class Namespace:
                 out.inodes.append(n.inode)
                 if n.parent is not None:
                     out.names.append((n.parent.inode, n.name))
+            elif isinstance(n, Dir) and n.kind in VIEW_KINDS:
+                # Made by the org's listing: that is what is asked again.
+                self._org_of(n).loaded_at = float("-inf")
             elif isinstance(n, Dir) and n.kind is not DirKind.CONTROL:
                 out.folders += 1
                 n.loaded_at = float("-inf")

@@ -96,15 +96,19 @@ def settle(
     taken: set[str] = set()
     out: list[str] = [""] * len(items)
     wanted = {name for name, _ in items}
+    # The next suffix to try per name: a thousand devices called "Inverter" must not
+    # try 2, 3, ... again for each (taken and wanted only grow, so none frees up).
+    next_suffix: dict[str, int] = {}
     for i in order:
         name = items[i][0]
         if name in taken:
-            n = 2
+            n = next_suffix.get(name, 2)
             while True:
                 candidate = _with_suffix(name, n, extensions)
                 if candidate not in taken and candidate not in wanted:
                     break
                 n += 1
+            next_suffix[name] = n + 1
             name = candidate
         taken.add(name)
         out[i] = name

@@ -24,7 +24,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+import httpx
+
 from enosfs.errors import ConfigError
+
+
+class ProxyAuthRequired(httpx.ProxyError):
+    """A proxy answered 407: it wants credentials the environment does not give, or
+    refused those it does. The message names the proxy as `Proxy.shown` does, never
+    the credentials; retry.py fails the call at once on it."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        why = (
+            "it refused the ones given"
+            if proxy.authorization is not None
+            else "none are given (http://USER:PASSWORD@host:port in the proxy variable)"
+        )
+        super().__init__(f"the proxy {proxy.shown} asks for credentials: {why}")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,15 @@ class ReadAhead:
         """Has this reader been reading straight through (two reads or more)?"""
         return self._streak >= 2
 
+    def random(self, offset: int, size: int) -> bool:
+        """Would this read, once recorded, leave the reader without a sequential
+        pattern? Asked before the read is served, so that a random reader's miss
+        fetches about what it reads (blocks.py) and a sequential one whole blocks."""
+        if size >= self.large_read:
+            return False
+        continues = self._next is not None and abs(offset - self._next) <= self.tolerance
+        return not continues or self._streak + 1 < 2
+
     def on_read(self, offset: int, size: int, file_size: int) -> tuple[int, int] | None:
         """Record a read; return the byte range [start, end) to prefetch, if any."""
         end = min(offset + size, file_size)

@@ -4,6 +4,11 @@ One policy for every call: a call has a deadline that covers all its attempts, a
 failures that another attempt can cure (connect errors, resets, 5xx, 429) are retried,
 with jittered exponential backoff so that many mounts do not retry in lockstep.
 
+A server that breaks HTTP itself (a response that cannot be framed safely: two
+Content-Lengths, one with chunked) and a proxy that asks for credentials (407) fail at
+once with their own one-line error: another attempt would be answered the same way,
+and eight of them only hide the cause behind a long wait.
+
 A rate-limited answer (429) is not a failure but the gateway asking us to wait: it is
 waited for (Retry-After, within the deadline) without spending the retries, so that a
 listing held up by a 429 storm gets its answer late rather than EIO. Only where
@@ -22,14 +27,17 @@ from typing import TypeVar
 import httpx
 import trio
 
+from enosfs.connection import ProtocolViolation
 from enosfs.errors import (
     DeadlineError,
     EnosfsError,
     ProtocolError,
+    ProxyAuthError,
     RateLimited,
     ServerError,
     TransportError,
 )
+from enosfs.proxies import ProxyAuthRequired
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,10 +70,16 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         # A request we built wrong, or a TLS peer we must not trust, will not get
         # better by sending it again.
-        if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+        if isinstance(
+            exc,
+            httpx.UnsupportedProtocol
+            | httpx.LocalProtocolError
+            | ProtocolViolation
+            | ProxyAuthRequired,
+        ):
             return False
         return not _tls_failure(exc)
-    return isinstance(exc, TransportError) and not isinstance(exc, ProtocolError)
+    return isinstance(exc, TransportError) and not isinstance(exc, ProtocolError | ProxyAuthError)
 
 
 def as_enosfs_error(exc: BaseException, what: str) -> EnosfsError:
@@ -76,6 +90,10 @@ def as_enosfs_error(exc: BaseException, what: str) -> EnosfsError:
         return DeadlineError(f"{what}: timed out ({type(exc).__name__})")
     if isinstance(exc, httpx.ConnectError):
         return TransportError(f"{what}: cannot connect: {exc or type(exc).__name__}")
+    if isinstance(exc, ProxyAuthRequired):
+        return ProxyAuthError(f"{what}: {exc}")
+    if isinstance(exc, ProtocolViolation):
+        return ProtocolError(f"{what}: the server broke HTTP: {exc}")
     return TransportError(f"{what}: {type(exc).__name__}: {exc}")
 
 

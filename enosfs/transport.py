@@ -26,17 +26,18 @@ readinto() for zero-copy reads.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import h11
 import httpx
 import trio
 
-from enosfs.connection import Connection, PlainConnection, TlsConnection
-from enosfs.proxies import Proxies, Proxy
+from enosfs.connection import Connection, PlainConnection, ProtocolViolation, TlsConnection
+from enosfs.proxies import Proxies, Proxy, ProxyAuthRequired
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ HEAD_READ = 4096
 READ_SIZE = 1024 * 1024
 MAX_IDLE_PER_ORIGIN = 32
 IDLE_EXPIRY = 15.0  # seconds an idle connection is trusted to still be open
+# Trusted this much less than a server's own `Keep-Alive: timeout=N`: the request that
+# takes it must reach the server before the server lets it go.
+KEEP_ALIVE_MARGIN = 1.0
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*(\d+)", re.IGNORECASE)
+# Connections that file bodies never take, kept for API calls and token renewals.
+RESERVED_FOR_CALLS = 4
 
 Origin = tuple[str, str, int]
 Headers = list[tuple[bytes, bytes]]
@@ -60,9 +67,11 @@ class _Body(httpx.AsyncByteStream):
         framing: str,
         length: int | None,
         reusable: bool,
+        bulk: bool,
     ) -> None:
         self.transport = transport
         self.conn = conn
+        self.bulk = bulk  # holds a file body's slot too
         self.framing = framing  # "length" | "chunked" | "close"
         self.remaining = length if framing == "length" else None
         self.chunk_left = 0
@@ -96,7 +105,7 @@ class _Body(httpx.AsyncByteStream):
                 raise httpx.RemoteProtocolError("peer closed the connection inside a chunk")
             self.chunk_left -= n
             if self.chunk_left == 0 and await self.conn.line(timeout) != b"":
-                raise httpx.RemoteProtocolError("chunk not followed by CRLF")
+                raise ProtocolViolation("chunk not followed by CRLF")
             return n
         n = await self.conn.receive_into(view, timeout)
         self.done = n == 0
@@ -109,9 +118,9 @@ class _Body(httpx.AsyncByteStream):
         try:
             size = int(line.split(b";", 1)[0].strip(), 16)
         except ValueError:
-            raise httpx.RemoteProtocolError(f"bad chunk size line {line[:40]!r}") from None
+            raise ProtocolViolation(f"bad chunk size line {line[:40]!r}") from None
         if size < 0:
-            raise httpx.RemoteProtocolError("negative chunk size")
+            raise ProtocolViolation("negative chunk size")
         if size == 0:
             while await self.conn.line(timeout):  # trailers, up to the empty line
                 pass
@@ -136,7 +145,7 @@ class _Body(httpx.AsyncByteStream):
             else:
                 await self.conn.close()
         finally:
-            self.transport.slots.release()
+            self.transport.give_slot(self.bulk)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -148,6 +157,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         read_timeout: float = 30.0,
         max_connections: int = 32,
         proxies: Proxies | None = None,
+        pool_timeout: float | None = None,
     ) -> None:
         if isinstance(verify, ssl.SSLContext):
             self.ssl_context = verify
@@ -162,14 +172,50 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self.read_timeout = read_timeout
         self.proxies = proxies or Proxies()
         self.idle: dict[Origin, list[Connection]] = defaultdict(list)
+        # Seconds each origin says it keeps an idle connection (Keep-Alive: timeout=N).
+        self.keep_alive: dict[Origin, float] = {}
         self.counts: Counter[str] = Counter()
         # One slot per connection in use; a response body holds its slot until closed.
+        # A file body streams for as long as its reader takes, an API call or a token
+        # renewal for a round trip: bodies also hold a slot of their own, of which
+        # there are `reserved` fewer, so that 32 slow downloads cannot make a listing
+        # or a renewal wait for one of them to end. No wait is without end either.
         self.max_connections = max_connections
         self.slots = trio.Semaphore(max_connections)
+        self.reserved = (
+            min(RESERVED_FOR_CALLS, max(1, max_connections // 4)) if max_connections > 1 else 0
+        )
+        self.body_slots = trio.Semaphore(max_connections - self.reserved)
+        self.pool_timeout = read_timeout if pool_timeout is None else pool_timeout
 
     @property
     def in_use(self) -> int:
         return self.max_connections - self.slots.value
+
+    async def take_slot(self, bulk: bool) -> None:
+        """A connection slot (and, for a file body, a body slot first), or PoolTimeout
+        once pool_timeout has passed: retry.py counts that as a timeout like any other."""
+        with trio.move_on_after(self.pool_timeout):
+            if not bulk:
+                await self.slots.acquire()
+                return
+            await self.body_slots.acquire()
+            try:
+                await self.slots.acquire()
+                return
+            except BaseException:
+                self.body_slots.release()
+                raise
+        kind = "file body" if bulk else "request"
+        raise httpx.PoolTimeout(
+            f"no connection free for a {kind} within {self.pool_timeout:g}s "
+            f"({self.in_use} of {self.max_connections} in use)"
+        )
+
+    def give_slot(self, bulk: bool) -> None:
+        self.slots.release()
+        if bulk:
+            self.body_slots.release()
 
     @property
     def connects(self) -> int:
@@ -203,15 +249,44 @@ class LeanTransport(httpx.AsyncBaseTransport):
     def _pooled(self, origin: Origin) -> Connection | None:
         """The most recently used idle connection, if any is young enough to trust:
         servers close idle connections after some seconds (nginx 75, uvicorn 5, many
-        gateways 15), and a dead one costs a failed attempt."""
+        gateways 15), and a dead one costs a failed attempt. How long is what the
+        server said in its Keep-Alive header, where it did; IDLE_EXPIRY otherwise. A
+        connection dropped for nothing costs the next request a new one: a round trip
+        far away, two with TLS."""
         idle = self.idle[origin]
         now = trio.current_time()
+        trusted = self.idle_expiry(origin)
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < IDLE_EXPIRY:
+            if now - conn.idle_since < trusted:
                 return conn
             trio.lowlevel.spawn_system_task(conn.close)
         return None
+
+    def idle_expiry(self, origin: Origin) -> float:
+        """Seconds an idle connection to origin is trusted to be still open."""
+        said = self.keep_alive.get(origin)
+        return IDLE_EXPIRY if said is None else max(0.0, said - KEEP_ALIVE_MARGIN)
+
+    async def warm(self, origins: list[Origin], count: int) -> None:
+        """Open connections to each origin until `count` wait idle, all at once: the
+        first requests that go together (a file's size and its first bytes, the first
+        round of a folder's sizes) then find one each, instead of each paying a
+        connection's round trips first. A connection that cannot be opened is left to
+        the request that needs it, which says why."""
+
+        async def one(origin: Origin) -> None:
+            try:
+                conn = await self._connect(origin, self.proxies.for_origin(*origin))
+            except httpx.HTTPError as exc:
+                log.debug("no warm connection to %s: %s", origin[1], exc)
+                return
+            self.release(conn)
+
+        async with trio.open_nursery() as nursery:
+            for origin in dict.fromkeys(origins):
+                for _ in range(count - len(self.idle[origin])):
+                    nursery.start_soon(one, origin)
 
     async def _connect(self, origin: Origin, proxy: Proxy | None) -> Connection:
         scheme, host, port = origin
@@ -259,6 +334,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         parser, head = _request(b"CONNECT", authority, headers)
         await conn.send_all(head, self.connect_timeout)
         answer = await self._response_head(conn, parser, self.connect_timeout)
+        # 407, or 401 as tinyproxy answers a wrong password: a CONNECT is the proxy's
+        # alone to answer, so either status is its own.
+        if answer.status_code in (401, 407):
+            raise ProxyAuthRequired(proxy)
         if not 200 <= answer.status_code < 300:
             raise httpx.ProxyError(
                 f"the proxy {proxy.shown} refused to tunnel to {host}:{port}: "
@@ -271,8 +350,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme}")
         content = await request.aread()
+        # API calls and token requests: brief, so never kept waiting by file bodies.
         response = await self.request(
-            request.method, origin_of(url), url.raw_path, request.headers.raw, content
+            request.method, origin_of(url), url.raw_path, request.headers.raw, content, bulk=False
         )
         response.request = request
         return response
@@ -284,9 +364,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         target: bytes,
         headers: Headers,
         content: bytes = b"",
+        *,
+        bulk: bool = True,
     ) -> httpx.Response:
         """One exchange without an httpx.Request: the hot path of downloads, where
-        httpx's request and client machinery cost as much as the I/O itself."""
+        httpx's request and client machinery cost as much as the I/O itself. `bulk`:
+        a file body, which may stream for long (see take_slot)."""
         proxy = self.proxies.for_origin(*origin)
         headers = _with_host(headers, origin)
         if proxy is not None and origin[0] == "http":
@@ -294,7 +377,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             target = _absolute(origin, target)
             if proxy.authorization is not None:
                 headers = [*headers, (b"Proxy-Authorization", proxy.authorization)]
-        await self.slots.acquire()
+        await self.take_slot(bulk)
         try:
             # A pooled connection the server has since closed fails at once: try anew.
             for attempt in range(2):
@@ -304,21 +387,32 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 if conn is None:
                     conn = await self._connect(origin, proxy)
                 try:
-                    return await self._exchange(conn, method, target, headers, content)
-                except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+                    response = await self._exchange(conn, method, target, headers, content, bulk)
+                except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
                     await conn.close()
-                    if fresh or attempt == 1:
+                    if fresh or attempt == 1 or isinstance(exc, ProtocolViolation):
                         raise
+                    continue
                 except BaseException:
                     await conn.close()
                     raise
+                if response.status_code == 407 and proxy is not None and origin[0] == "http":
+                    await conn.close()  # its body unread; the slot goes below
+                    raise ProxyAuthRequired(proxy)
+                return response
             raise AssertionError("unreachable")
         except BaseException:
-            self.slots.release()
+            self.give_slot(bulk)
             raise
 
     async def _exchange(
-        self, conn: Connection, method: str, target: bytes, headers: Headers, content: bytes
+        self,
+        conn: Connection,
+        method: str,
+        target: bytes,
+        headers: Headers,
+        content: bytes,
+        bulk: bool,
     ) -> httpx.Response:
         parser, head = _request(method.encode(), target, headers)
         await conn.send_all(head + content, self.read_timeout)
@@ -327,9 +421,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         fields = answer.headers  # names lower-cased by h11
         names = {name for name, _ in fields}
         if b"content-length" in names and b"transfer-encoding" in names:
-            raise httpx.RemoteProtocolError("Content-Length together with Transfer-Encoding")
+            raise ProtocolViolation("Content-Length together with Transfer-Encoding")
         connection = b",".join(v for n, v in fields if n == b"connection").lower()
         reusable = answer.http_version == b"1.1" and b"close" not in connection
+        keep_alive = _keep_alive_timeout(fields)
+        if keep_alive is not None:
+            self.keep_alive[conn.origin] = keep_alive
         if method == "HEAD" or status in (204, 304):
             framing, length = "length", 0
         elif b"transfer-encoding" in names:  # h11 lets only "chunked" through
@@ -338,7 +435,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             framing, length = "length", int(next(v for n, v in fields if n == b"content-length"))
         else:
             framing, length, reusable = "close", None, False
-        body = _Body(self, conn, framing, length, reusable)
+        body = _Body(self, conn, framing, length, reusable, bulk)
         return httpx.Response(
             status,
             headers=list(fields.raw_items()),
@@ -355,7 +452,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raw = bytearray()
             while (end := raw.find(b"\r\n\r\n")) < 0:
                 if len(raw) > MAX_HEAD:
-                    raise httpx.RemoteProtocolError("response head too large")
+                    raise ProtocolViolation("response head too large")
                 # Small reads: body bytes read with the head are copied out again.
                 data = await conn.receive(HEAD_READ, timeout)
                 if not data:
@@ -368,17 +465,28 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 parser.receive_data(bytes(raw[: end + 4]))
                 event = parser.next_event()
             except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(f"bad response head: {exc}") from None
+                raise ProtocolViolation(f"bad response head: {exc}") from None
             if isinstance(event, h11.Response):
                 return event
             if not isinstance(event, h11.InformationalResponse):  # 100, 103 come first
-                raise httpx.RemoteProtocolError("bad response head")
+                raise ProtocolViolation("bad response head")
 
     async def aclose(self) -> None:
         for conns in self.idle.values():
             for conn in conns:
                 await conn.close()
         self.idle.clear()
+
+
+def _keep_alive_timeout(fields: Iterable[tuple[bytes, bytes]]) -> float | None:
+    """The `timeout=N` of a Keep-Alive header: seconds the server keeps an idle
+    connection open."""
+    for name, value in fields:
+        if name == b"keep-alive":
+            m = _KEEP_ALIVE_TIMEOUT.search(value)
+            if m is not None:
+                return float(int(m.group(1)))
+    return None
 
 
 def origin_of(url: httpx.URL) -> Origin:

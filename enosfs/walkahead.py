@@ -65,8 +65,8 @@ class WalkAhead:
         if not isinstance(asset, Dir) or asset.kind is not DirKind.ASSET:
             return
         org = asset.parent
-        if org is None or org.children is None:
-            return
+        if org is None or org.kind is not DirKind.ORG or org.children is None:
+            return  # (a device known by its keys alone sits in by-key/, out of any order)
         index, assets = self._position(org, asset)
         if index < 0:
             return  # named by its id, not listed: no order to follow
@@ -89,7 +89,11 @@ class WalkAhead:
         assert org.children is not None
         known = self._orders.get(org.inode)
         if known is None or known[0] is not org.children:
-            assets = [n for _, n in sorted(org.children.items()) if isinstance(n, Dir)]
+            assets = [
+                n
+                for _, n in sorted(org.children.items())
+                if isinstance(n, Dir) and n.kind is DirKind.ASSET  # not by-name/, by-key/
+            ]
             known = (org.children, {n.inode: i for i, n in enumerate(assets)}, assets)
             self._orders[org.inode] = known
         return known[1].get(asset.inode, -1), known[2]

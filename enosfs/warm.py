@@ -95,6 +95,8 @@ class Walk:
         for entry in entries:
             if top and entry.name == CONTROL_DIR:
                 continue
+            if entry.is_symlink():
+                continue  # by-name/, by-key/: they name folders walked by their own name
             try:
                 # The stat is what has the mount fetch the entry's metadata.
                 is_dir = entry.is_dir(follow_symlinks=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -186,6 +187,30 @@ class ScaleMount:
             return dict(json.loads((self.path / ".enosfs" / "stats").read_text()))
         except (OSError, ValueError):
             return {}
+
+    def cpu_seconds(self) -> float:
+        """CPU the mount process has used (user + system): what a walk costs it, far
+        less noisy than wall time on a machine shared with other work."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0
+
+    def fuse_ops(self) -> dict[str, int]:
+        """Requests from the kernel so far, by kind (the mount's stats)."""
+        return dict(self.own_stats().get("kernel", {}).get("ops", {}))
+
+    @contextlib.contextmanager
+    def costs(self, row: Row) -> Iterator[None]:
+        """The mount's CPU and the kernel's requests of what runs inside, into the row:
+        a walk over a warm tree is bound by the number of FUSE requests."""
+        cpu, ops = self.cpu_seconds(), self.fuse_ops()
+        yield
+        after = self.fuse_ops()
+        row.extra["mount_cpu_s"] = round(self.cpu_seconds() - cpu, 2)
+        row.extra["fuse_ops"] = {
+            k: n - ops.get(k, 0) for k, n in after.items() if n > ops.get(k, 0)
+        }
 
     def logged_errors(self) -> list[str]:
         with contextlib.suppress(OSError):
@@ -439,7 +464,8 @@ class ScaleBench:
         self.gw.profile(FAR)
         self.gw.reset()
         with self.mount(self.persistent, row.key) as m:
-            w, found = self.find(m, "find-remount")
+            with m.costs(row):
+                w, found = self.find(m, "find-remount")
             self.finish(
                 row,
                 w,
@@ -487,7 +513,8 @@ class ScaleBench:
                 row.extra["timeout_s"] = self.timeout
                 return
             self.gw.reset()
-            w, files, zero = self.ls(m, "ls-warm")
+            with m.costs(row):
+                w, files, zero = self.ls(m, "ls-warm")
             row.extra["zero_sizes"] = zero
             self.finish(
                 row, w, m, files, self.files, lambda: row.seconds is not None and row.seconds <= 3
@@ -595,8 +622,12 @@ def _shown_extra(extra: dict[str, Any]) -> str:
         "errors",
         "zero_sizes",
         "baseline_rss_mib",
+        "mount_cpu_s",
     )
     parts = []
+    ops = extra.get("fuse_ops")
+    if ops:
+        parts.append(f"fuse_ops={sum(ops.values())}")
     for k in keep:
         v = extra.get(k)
         if isinstance(v, float):

@@ -74,6 +74,11 @@ class Emulator:
         body = {"orgId": self.org, "assetId": asset, "feature": feature, "kind": "measurepoints"}
         self.admin("POST", "replace", {**body, **how})
 
+    def objectstore(self) -> dict[str, Any]:
+        """The object store's URL and counters: requests, and those that carried the
+        access token (which must stay 0)."""
+        return dict(self.admin("GET", "stats")["objectstore"])
+
     def fired(self) -> dict[str, int]:
         return dict(self.admin("GET", "faults")["fired"])
 
@@ -201,6 +206,10 @@ def background_mount(
     return out, pid
 
 
+# Files EnOS keeps, and files kept in object storage: both are listed.
+FILE_SCHEMES = ("enos-connect://", "enos-lark://")
+
+
 def demo_files(emu: Emulator) -> dict[str, str]:
     """Relative path under the org folder -> fileUri, from the emulator's state."""
     from enosfs.naming import feature_file_name, firmware_file_name
@@ -210,10 +219,10 @@ def demo_files(emu: Emulator) -> dict[str, str]:
     out: dict[str, str] = {}
     for d in org["devices"]:
         for ident, value in d["attributes"].items():
-            if isinstance(value, str) and value.startswith("enos-connect://"):
+            if isinstance(value, str) and value.startswith(FILE_SCHEMES):
                 out[f"{d['asset_id']}/feature/{feature_file_name(ident, value)}"] = value
         for ident, (_, value) in d["measurepoints"].items():
-            if isinstance(value, str) and value.startswith("enos-connect://"):
+            if isinstance(value, str) and value.startswith(FILE_SCHEMES):
                 out[f"{d['asset_id']}/feature/{feature_file_name(ident, value)}"] = value
         for fw in org["firmwares"]:
             if fw["product_key"] == d["product_key"]:

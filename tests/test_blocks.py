@@ -147,6 +147,239 @@ async def test_random_reader_fetches_only_what_it_reads(fake: FakeSource, big_da
         assert cache.counts["split_fetches"] > 0
 
 
+# -- random readers: pieces, not blocks --------------------------------------------------
+
+PIECE_SIZE = 64 * 1024
+
+
+async def random_read(cache: BlockCache, f: CachedFile, off: int, n: int) -> bytes:
+    return bytes(await cache.read(f, off, n, random_access=True))
+
+
+async def fetched(cache: BlockCache) -> None:
+    """Until no fetch is under way: a reader is served before its fetch has ended."""
+    while cache.flights:
+        await trio.sleep(0.001)
+
+
+async def test_a_random_4k_read_fetches_a_few_pieces_not_its_block(
+    fake: FakeSource, big_data: bytes
+) -> None:
+    async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB) as cache:
+        f, want = await big_file(fake, big_data)
+        fake.reset_stats()
+        rnd = random.Random(21)
+        for _ in range(50):
+            off = rnd.randrange(f.size - 4096)
+            before, requests = downloaded(fake), fake.stats().get("files.download", 0)
+            assert await random_read(cache, f, off, 4096) == want[off : off + 4096]
+            await fetched(cache)  # the rest of its fetch, after the bytes it waited for
+            # One request a block it touches, for 128 KiB at most each (nothing measured
+            # a faster link).
+            touched = len({off // MiB, (off + 4095) // MiB})
+            assert fake.stats().get("files.download", 0) - requests <= touched
+            assert downloaded(fake) - before <= touched * 128 * 1024
+        random_reads = cache.stats()["cache"]["random_reads"]
+        assert 40 <= random_reads["misses"] <= 50
+        assert random_reads["bytes_fetched"] == downloaded(fake)
+        assert random_reads["misses"] <= random_reads["fetches"] == fake.stats()["files.download"]
+        assert random_reads["bytes_fetched"] <= random_reads["fetches"] * 128 * 1024
+        assert random_reads["partial_blocks"] > 0
+
+
+async def test_two_random_reads_in_one_piece_cost_one_fetch(fake: FakeSource) -> None:
+    want = some_bytes(8 * MiB)
+    async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB) as cache:
+        f = await cached(fake, fake.add(want, md5=False))
+        fake.reset_stats()
+        piece = 3 * MiB + 5 * PIECE_SIZE
+        assert await random_read(cache, f, piece + 100, 4096) == want[piece + 100 : piece + 4196]
+        await fetched(cache)  # the rest of its fetch, after the bytes it waited for
+        # After the first read's fetch ended: its block rests, partly filled.
+        off = piece + 40_000
+        assert await random_read(cache, f, off, 4096) == want[off : off + 4096]
+        assert fake.stats()["files.download"] == 1
+        assert cache.counts["random_misses"] == 1 and cache.counts["hits"] == 1
+        assert not cache.flights
+        # The partly filled block counts in memory as its whole buffer.
+        assert len(cache.lru) == 1 and cache.lru.currsize == MiB
+
+
+async def test_concurrent_random_readers_of_one_piece_share_its_fetch(fake: FakeSource) -> None:
+    want = some_bytes(8 * MiB)
+    async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB) as cache:
+        f = await cached(fake, fake.add(want, md5=False))
+        fake.reset_stats()
+        fake.faults.append(Fault("latency", seconds=0.05))
+        piece = 5 * MiB + 2 * PIECE_SIZE
+        results: list[bool] = []
+
+        async def reader(i: int) -> None:
+            off = piece + i * 7000
+            results.append(await random_read(cache, f, off, 1000) == want[off : off + 1000])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(reader, i)
+        assert results == [True] * 8
+        assert fake.stats()["files.download"] == 1
+        assert downloaded(fake) <= 128 * 1024
+
+
+async def test_a_block_filled_in_parts_serves_every_byte_right(
+    fake: FakeSource, big_data: bytes
+) -> None:
+    """Pieces of one block fetched by random reads in any order, some of them straddling
+    two pieces or two blocks, then the whole block read: every byte is the file's."""
+    async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB) as cache:
+        f, want = await big_file(fake, big_data)
+        base = 7 * MiB
+        for off, n in ((600_000, 1), (10, 4096), (300_000, 70_000), (40_000, 100_000)):
+            off += base
+            assert await random_read(cache, f, off, n) == want[off : off + n], (off, n)
+        # Across the block's end into the next block, also in parts.
+        off = base + MiB - 3000
+        assert await random_read(cache, f, off, 6000) == want[off : off + 6000]
+        held = cache.lru.get((*f.key, 7))
+        assert held is not None and not isinstance(held, bytearray)  # still in parts
+        # Every 4 KiB of the block, in random order, as a random reader.
+        offsets = list(range(base, base + MiB, 4096))
+        random.Random(4).shuffle(offsets)
+        for off in offsets:
+            assert await random_read(cache, f, off, 4096) == want[off : off + 4096], off
+        # And the block whole, as a sequential reader.
+        assert bytes(await cache.read(f, base, MiB)) == want[base : base + MiB]
+        assert isinstance(cache.lru.get((*f.key, 7)), bytearray)
+        # Each byte of the block came over the wire once.
+        assert cache.counts["random_bytes"] <= MiB + 128 * 1024
+
+
+async def test_random_and_sequential_readers_mixed_under_a_small_budget(
+    fake: FakeSource, big_data: bytes
+) -> None:
+    """Blocks filled in parts, evicted, taken up again, completed by a sequential
+    reader, all at once: every byte right, memory bounded, nothing left in flight."""
+    budget = 8 * MiB
+    async with cache_on(fake, block_size=1 * MiB, budget=budget) as cache:
+        f, want = await big_file(fake, big_data)
+        span = 24 * MiB
+        results: list[bool] = []
+
+        async def random_reader(seed: int) -> None:
+            rnd = random.Random(seed)
+            for _ in range(60):
+                off = rnd.randrange(span - 70_000)
+                n = rnd.choice([1, 4096, 70_000])
+                results.append(await random_read(cache, f, off, n) == want[off : off + n])
+                assert cache.lru.currsize <= cache.lru.maxsize
+
+        async def sequential_reader(start: int) -> None:
+            for off in range(start, start + 6 * MiB, 256 * 1024):
+                data = await cache.read(f, off, 256 * 1024)
+                results.append(bytes(data) == want[off : off + 256 * 1024])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(random_reader, i)
+            for start in (0, 9 * MiB, 17 * MiB):
+                nursery.start_soon(sequential_reader, start)
+        assert len(results) == 8 * 60 + 3 * 24 and all(results)
+        await fetched(cache)
+        assert cache.inflight == 0 and fake.open_bodies == 0
+
+
+async def test_a_random_reader_turned_sequential_gets_whole_blocks_and_read_ahead(
+    fake: FakeSource, big_data: bytes
+) -> None:
+    async with cache_on(fake, block_size=1 * MiB, budget=128 * MiB) as cache:
+        f, want = await big_file(fake, big_data)
+        fake.reset_stats()
+        ra = ReadAhead(initial=1 * MiB, maximum=8 * MiB)
+        # Random 4 KiB reads, two of them in block 10 where the reader then stays.
+        for off in (40 * MiB + 5, 3 * MiB + 77, 10 * MiB + 300_000, 90 * MiB, 10 * MiB + 9):
+            assert ra.random(off, 4096)
+            assert await random_read(cache, f, off, 4096) == want[off : off + 4096]
+            assert ra.on_read(off, 4096, f.size) is None
+        assert fake.stats()["files.download"] == 5
+        # Now straight on from block 10's start, 4 KiB at a time, as the kernel
+        # without read-ahead would: random for its first read, then sequential.
+        fake.reset_stats()
+        off, step = 10 * MiB, 4096
+        patterns = []
+        while off < 20 * MiB:
+            patterns.append(ra.random(off, step))
+            data = await cache.read(f, off, step, random_access=patterns[-1])
+            assert bytes(data) == want[off : off + step], off
+            ahead = ra.on_read(off, step, f.size)
+            if ahead:
+                cache.prefetch(f, *ahead)
+            off += step
+        assert not any(patterns[2:]) and ra.sequential
+        stats = fake.stats()
+        # Block 10's missing parts, then large ranges of whole blocks ahead.
+        assert stats["files.download"] <= 12
+        assert downloaded(fake) <= 10 * MiB + 8 * MiB
+        assert all(isinstance(cache.lru.get((*f.key, i)), bytearray) for i in range(11, 20))
+        assert isinstance(cache.lru.get((*f.key, 10)), bytearray)
+
+
+async def test_a_random_miss_fetches_what_the_link_gives_in_a_round_trip(
+    autojump_clock: MockClock, big_data: bytes
+) -> None:
+    """40 ms away: at 2 MB/s a miss fetches a piece or two, at 25 MB/s most of a block
+    (bandwidth x round trip, never over the block). The fake's first 64 KiB of a body
+    come as one chunk, at the body's speed, so its time to first byte is longer than
+    the 40 ms: the spans here are a little larger than on a real link."""
+    for rate, least, most, at, requests_for_it in (
+        # 36 KiB of its piece before the read would hold it up 18 ms: they come in a
+        # second request beside the first.
+        (2_000_000, PIECE_SIZE, 2 * PIECE_SIZE, 300_000, 2),
+        # Near the block's start, the span grows forward only: one request.
+        (25_000_000, 14 * PIECE_SIZE, MiB, 10_000, 1),
+    ):
+        fake = FakeSource()
+        fake.faults += [Fault("latency", seconds=0.04), Fault("trickle", rate=rate)]
+        async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB) as cache:
+            f, want = await big_file(fake, big_data)
+            # A sequential reader's whole blocks show the link's speed.
+            assert bytes(await cache.read(f, 0, 2 * MiB)) == want[: 2 * MiB]
+            await fetched(cache)
+            span = cache.link.span()
+            assert least <= span <= most
+            before, requests = downloaded(fake), fake.stats()["files.download"]
+            off = 50 * MiB + at
+            assert await random_read(cache, f, off, 4096) == want[off : off + 4096]
+            await fetched(cache)
+            assert downloaded(fake) - before == span
+            assert fake.stats()["files.download"] - requests == requests_for_it
+
+
+@pytest.mark.allow_warnings(r"did not match the file's checked bytes")
+async def test_a_checked_file_is_read_in_whole_checked_blocks_by_random_readers(
+    fake: FakeSource,
+) -> None:
+    """Once a whole reading matched, every block is checked against its CRC: a random
+    reader gets whole blocks (a part cannot be checked), and a block filled in parts
+    before is dropped, not served."""
+    want = some_bytes(6 * MiB)
+    async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB, whole_file_limit=0) as cache:
+        f = await cached(fake, fake.add(want))
+        off = 2 * MiB + 10
+        assert await random_read(cache, f, off, 4096) == want[off : off + 4096]
+        await fetched(cache)
+        assert cache.stats()["cache"]["random_reads"]["partial_blocks"] == 1
+        crcs = [zlib.crc32(want[i : i + MiB]) for i in range(0, len(want), MiB)]
+        await cache.matched(f, crcs)
+        assert cache.stats()["cache"]["random_reads"]["partial_blocks"] == 0
+        fake.reset_stats()
+        fake.faults.append(Fault("corrupt", after=1000, times=1))
+        # The same bytes again: a whole block, checked, the corrupt copy refused.
+        assert await random_read(cache, f, off, 4096) == want[off : off + 4096]
+        assert cache.counts["bad_blocks"] == 1
+        assert downloaded(fake) == 2 * MiB
+        assert isinstance(cache.lru.get((*f.key, 2)), bytearray)
+
+
 async def test_memory_budget_holds(fake: FakeSource, big_data: bytes) -> None:
     budget = 8 * MiB
     async with cache_on(fake, block_size=1 * MiB, budget=budget) as cache:

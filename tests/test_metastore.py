@@ -116,6 +116,47 @@ async def test_what_an_org_or_a_folder_no_longer_lists_is_dropped(tmp_path: Path
     assert set(got.metas) == {("a1", "feature", "enos-connect://aa.txt")}
 
 
+async def test_a_forget_drops_its_subtree_and_nothing_else(tmp_path: Path) -> None:
+    """`enosfs refresh` of a file, an asset, an org, everything; the records saved
+    before a forget in the same batch go with it."""
+    other = ("o1", "a2", "feature")
+    store = await opened(tmp_path)
+    store.save_assets("o1", ["a1", "a2"], fetched=1000.0)
+    store.save_assets("o2", ["x"], fetched=1000.0)
+    for place in (PLACE, other):
+        store.save_listing(place, entries(), fetched=1000.0)
+        store.save_meta(place, meta("enos-connect://aa.txt"), fetched=1000.0)
+        store.save_meta(place, meta("enos-connect://bb"), fetched=1000.0)
+    # A file: its record and its folder's listing; its sibling's record stays.
+    store.forget((*PLACE, "enos-connect://aa.txt"))
+    await store.flush()
+    got = await store.load("o1")
+    assert got.assets is not None and set(got.listings) == {("a2", "feature")}
+    assert set(got.metas) == {
+        ("a1", "feature", "enos-connect://bb"),
+        ("a2", "feature", "enos-connect://aa.txt"),
+        ("a2", "feature", "enos-connect://bb"),
+    }
+
+    store.forget(("o1", "a2"))
+    await store.flush()
+    got = await store.load("o1")
+    assert got.assets is not None and got.listings == {}
+    assert set(got.metas) == {("a1", "feature", "enos-connect://bb")}
+
+    store.forget(("o1",))
+    await store.flush()
+    got = await store.load("o1")
+    assert (got.assets, got.listings, got.metas) == (None, {}, {})
+    assert (await store.load("o2")).assets is not None
+
+    store.forget(())
+    await store.flush()
+    assert store.file is not None
+    assert store.file.counts() == {"assets": 0, "listings": 0, "metas": 0}
+    await store.close()
+
+
 async def test_the_writer_task_saves_in_batches(tmp_path: Path) -> None:
     store = await opened(tmp_path)
     async with trio.open_nursery() as nursery:

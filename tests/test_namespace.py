@@ -17,7 +17,7 @@ from trio.testing import MockClock
 from enosfs.catalog import META_CONCURRENCY
 from enosfs.changes import Changes
 from enosfs.errors import NotFound, TransportError
-from enosfs.namespace import Dir, File, Namespace
+from enosfs.namespace import Dir, DirKind, File, Namespace
 from enosfs.walkahead import WalkAhead
 from tests.fake_listings import ORG, ApiFault, FakeListings
 from tests.test_catalog import demo, settings
@@ -107,6 +107,31 @@ async def test_a_listing_sizes_nothing_and_the_first_stat_sizes_the_folder_at_on
     assert trio.current_time() - started == pytest.approx(2 * LATENCY)
     assert fake.counts["files.getFileInfo"] == len(files)
     assert fake.peak["files.getFileInfo"] == META_CONCURRENCY
+
+
+async def test_a_file_waits_for_its_own_size_not_for_its_whole_folder(
+    autojump_clock: MockClock,
+) -> None:
+    """Opening one file of a large folder not sized yet costs one round trip: its
+    folder's batch goes on behind it, for the `ls -l` that may follow."""
+    fake = FakeListings(latency=LATENCY)
+    big_org(fake, 1, files=3 * META_CONCURRENCY)
+    ns = Namespace(fake, settings())
+    async with trio.open_nursery() as nursery:
+        ns.nursery = nursery  # as in a mount: the batch runs in the mount's nursery
+        files = await files_of(ns, await folder(ns, f"{ORG}/A-0000/feature"))
+        wanted = files[sorted(files)[-1]]
+        started = trio.current_time()
+        meta = await ns.file_meta(wanted)
+        assert meta.size == fake.metas[wanted.ref.uri].size
+        assert trio.current_time() - started == pytest.approx(LATENCY)
+        assert sum(f.meta is None for f in files.values()) >= META_CONCURRENCY
+        # The rest of the batch still ends, and everyone waiting for it is answered.
+        await ns.size_folder(wanted.parent)  # type: ignore[arg-type]
+        assert all(f.meta is not None for f in files.values())
+        assert fake.counts["files.getFileInfo"] == len(files)
+        assert not wanted.parent.sizing  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
 
 
 async def test_stats_of_one_folder_at_once_share_one_batch(autojump_clock: MockClock) -> None:
@@ -233,11 +258,18 @@ async def visit(fake: Recorded, ns: Namespace, ahead: WalkAhead, asset: Dir) -> 
         await ns.children(d)
 
 
+async def asset_folders(ns: Namespace, org: Dir) -> list[Dir]:
+    """The org's asset folders in listing order, without by-name/ and by-key/ beside
+    them (a walk visits those too, but they list nothing of their own)."""
+    listed = sorted((await ns.children(org)).items())
+    return [d for _, d in listed if isinstance(d, Dir) and d.kind is DirKind.ASSET]
+
+
 async def test_a_walk_in_listing_order_gets_the_next_assets_listed_ahead(
     autojump_clock: MockClock,
 ) -> None:
     async with walking(200) as (fake, ns, ahead, org):
-        assets = [d for _, d in sorted((await ns.children(org)).items())]
+        assets = await asset_folders(ns, org)
         started = trio.current_time()
         for asset in assets:
             assert isinstance(asset, Dir)
@@ -268,7 +300,7 @@ async def test_a_walk_that_asks_for_sizes_gets_the_next_assets_sized_ahead(
     """`ls -lR`: every file of a folder is stat'ed after its listing; from the third
     asset on, the sizes are there before the walk asks."""
     async with walking(100) as (fake, ns, ahead, org):
-        assets = [d for _, d in sorted((await ns.children(org)).items())]
+        assets = await asset_folders(ns, org)
         waited: list[str] = []
         files = 0
         started = trio.current_time()

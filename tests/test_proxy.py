@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,8 +22,10 @@ import httpx
 import pytest
 
 from enosfs.emulator.process import stop_process
-from enosfs.errors import ConfigError
-from enosfs.proxies import Proxies, Proxy
+from enosfs.errors import ConfigError, ProxyAuthError
+from enosfs.proxies import Proxies, Proxy, parse_proxy
+from enosfs.retry import RetryPolicy, retrying
+from enosfs.transport import LeanTransport
 from tests.support import (
     Emulator,
     demo_files,
@@ -159,6 +162,39 @@ def proxy_env(**values: str) -> Iterator[dict[str, str]]:
         for k in values:
             os.environ.pop(k, None)
         os.environ.update(saved)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_proxy_asking_for_credentials_is_asked_once(scheme: str, work: Path) -> None:
+    """tinyproxy wants alice's password: without one, or with a wrong one, every
+    attempt would get the same 407, so the call fails at the first, with one line
+    that names the proxy and shows no credentials; its connection slot comes back.
+    (tinyproxy answers a plain request with a wrong password by 401, which the server
+    behind may send too: only its answer to a CONNECT is surely the proxy's.)"""
+    policy = RetryPolicy(timeout=20, base_delay=0.01, max_delay=0.01, max_attempts=8)
+    wrong = f"alice:wrong-{PROXY_PW}@"
+    with tinyproxy(work, user="alice") as proxy:
+        for given in ("", wrong) if scheme == "https" else ("",):
+            chosen = parse_proxy(f"http://{given}127.0.0.1:{proxy.port}", "HTTPS_PROXY")
+            lean = LeanTransport(proxies=Proxies(http=chosen, https=chosen))
+            attempts = 0
+
+            async def attempt(c: httpx.AsyncClient) -> httpx.Response:
+                nonlocal attempts
+                attempts += 1
+                # Nothing listens on port 1: the proxy refuses before it would try.
+                return await c.get(f"{scheme}://127.0.0.1:1/token")
+
+            async with httpx.AsyncClient(transport=lean) as c:
+                with pytest.raises(ProxyAuthError) as info:
+                    await retrying(policy, "token request", partial(attempt, c))
+            text = str(info.value)
+            assert attempts == 1, text
+            assert text.startswith(f"token request: the proxy {proxy.url} asks for credentials")
+            assert "\n" not in text and PROXY_PW not in text and "alice" not in text
+            assert info.value.errno == errno.EACCES
+            assert ("refused the ones given" in text) == bool(given)
+            assert lean.in_use == 0
 
 
 @pytest.mark.mount

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from enosfs.metastore import FILE_NAME
-from tests.support import Emulator, demo_files, emulator, mounted, run, stats_of
+from tests.support import Emulator, demo_files, emulator, enosfs, mounted, run, stats_of
 
 pytestmark = pytest.mark.mount
 
@@ -72,6 +72,49 @@ def test_a_file_changed_while_unmounted_is_seen_after_the_ttl(
             assert (m.org / rel).stat().st_size == len(new)
             assert hashlib.md5((m.org / rel).read_bytes()).digest() == hashlib.md5(new).digest()
         assert "changed on the server" in m.log_text()
+
+
+def test_a_refresh_reaches_the_store_so_a_remount_asks_again(
+    work: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Within the TTL the store's records would be served at a remount: a refresh
+    drops those of its subtree, so the remount shows the files as they are now, while
+    what the refresh did not name still costs no call."""
+    with emulator(tmp_path_factory.mktemp("refresh-store-data")) as emu:
+        same_uri = "WTG-002/feature/scada_export.csv"
+        new_uri = "WTG-002/feature/model_file.json"
+        config = cache_config(work, "1h")
+        with mounted(work, emu, config) as m:
+            walk(m.org)  # every listing and record in the store
+            old = (m.org / new_uri).read_bytes()
+            feature = {"orgId": emu.org, "assetId": "WTG-002"}
+            new_text = "time,power\n0,1\n"
+            emu.admin(
+                "POST",
+                "replace",
+                {
+                    **feature,
+                    "feature": "scada_export",
+                    "kind": "measurepoints",
+                    "text": new_text,
+                    "keep_uri": True,
+                },
+            )
+            emu.admin(
+                "POST",
+                "replace",
+                {**feature, "feature": "model_file", "text": '{"v": 2}\n', "name": "v2.json"},
+            )
+            out = enosfs("refresh", m.org / "WTG-002")
+            assert out.returncode == 0, out.stderr
+            # Nothing asked again here: the remount alone must see the change.
+        with mounted(work, emu, config) as m:
+            emu.reset_stats()
+            assert os.listdir(m.org / "WTG-001" / "feature")
+            assert listing_calls(emu) == {}
+            assert (m.org / same_uri).stat().st_size == len(new_text)
+            assert (m.org / same_uri).read_bytes() == new_text.encode()
+            assert (m.org / new_uri).read_bytes() == b'{"v": 2}\n' != old
 
 
 def test_a_garbage_store_is_said_once_and_the_mount_lists_from_the_network(

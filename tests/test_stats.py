@@ -117,6 +117,7 @@ async def test_the_snapshot_is_each_components_part(tmp_path: Path) -> None:
         "reader_timeouts",
         "slow_bodies",
         "reused_buffers",
+        "random_reads",
         "disk",
     ]
     assert doc["cache"]["memory"]["blocks"] == 2

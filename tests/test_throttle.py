@@ -20,7 +20,7 @@ from enosfs.api import check_envelope
 from enosfs.errors import NotFound, RateLimited, ServerError, TransportError
 from enosfs.metrics import METRICS, samples
 from enosfs.retry import RetryPolicy, retrying
-from enosfs.throttle import START, ApiThrottle
+from enosfs.throttle import QUIET, START, ApiThrottle
 from tests.support import Emulator, mounted, stats_of
 from tests.test_client import client_for
 
@@ -151,17 +151,97 @@ class Gateway:
 async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
     autojump_clock: MockClock,
 ) -> None:
-    """Halving at each round of 429s and waiting out Retry-After keep what the gateway
-    sees, refused calls included, near its limit in any second after the first 429,
-    and the refused calls few."""
+    """After the first 429 the calls are paced at the rate the gateway took, so what
+    it sees, refused calls included, stays near its limit in every second after it,
+    and the refused calls are few."""
     throttle = ApiThrottle(32)
     gateway = Gateway(50)
     async with trio.open_nursery() as nursery:
         for _ in range(1500):
             nursery.start_soon(gateway.call, throttle)
     assert len(gateway.admitted) == 1500
-    assert gateway.busiest_second(since=gateway.refused[0] + 2) <= 55
-    assert len(gateway.refused) < 150  # no storm of retries
+    assert gateway.busiest_second(since=gateway.refused[0]) <= 55
+    assert len(gateway.refused) <= 40  # no storm of retries
+    assert throttle.rate is not None and 40 <= throttle.rate <= 60
+
+
+async def answered_then_limited(throttle: ApiThrottle, n: int) -> None:
+    """n API calls answered within the last second, then an API call's 429."""
+    await calls(throttle, n, hold=0.1)
+    with pytest.raises(RateLimited):
+        await call(throttle, hold=0, fail=limited())
+
+
+async def starts_of(throttle: ApiThrottle, n: int) -> list[float]:
+    """When each of n API calls sent at once got to start."""
+    started: list[float] = []
+
+    async def one() -> None:
+        async with throttle.slot():
+            started.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return started
+
+
+async def test_an_api_429_paces_api_calls_at_the_rate_answered_before_it(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(32)
+    await answered_then_limited(throttle, 20)
+    assert throttle.rate == 20 and throttle.stats()["rate_per_s"] == 20
+    started = await starts_of(throttle, 60)
+    assert max(started) - min(started) >= 59 / 21  # 20 a second, 21 at most as it probes
+
+
+async def test_a_file_body_429_does_not_pace_api_calls(autojump_clock: MockClock) -> None:
+    """A body's 429 says the app's budget went on bodies: the few API calls answered
+    around it are no measure of the gateway's rate."""
+    throttle = ApiThrottle(32, start=32)
+    await calls(throttle, 3, hold=0.1)
+    with pytest.raises(RateLimited):
+        async with throttle.passage():
+            raise limited()
+    assert throttle.rate is None
+    started = await starts_of(throttle, 60)
+    assert max(started) - min(started) < 0.01  # all at once, within the bound
+
+
+async def test_the_pace_grows_only_while_it_holds_calls_back(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(32)
+    await answered_then_limited(throttle, 20)
+    assert throttle.rate == 20
+    # A few calls now and then (none waiting for the pace) prove nothing.
+    for _ in range(4):
+        await trio.sleep(1.5)
+        await call(throttle, hold=0)
+    assert throttle.rate == 20
+    # Calls held back by the pace for a few seconds: one more a second.
+    await calls(throttle, 100, hold=0)
+    assert 20 < throttle.rate <= 26
+
+
+async def test_the_pace_is_forgotten_after_a_quiet_spell(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(32, start=32)
+    await answered_then_limited(throttle, 5)
+    assert throttle.rate == 5
+    await trio.sleep(QUIET)  # no 429 for that long
+    started = await starts_of(throttle, 30)
+    assert max(started) - min(started) < 0.01  # not five a second any more
+    assert throttle.rate is None
+    # A new 429 learns afresh from what was answered in the second before it.
+    await trio.sleep(1)
+    await answered_then_limited(throttle, 30)
+    assert throttle.rate == 30
+
+
+async def test_a_round_of_429s_at_a_pace_takes_a_tenth_off(autojump_clock: MockClock) -> None:
+    throttle = ApiThrottle(32)
+    await answered_then_limited(throttle, 20)
+    await calls(throttle, 4, hold=1, fail=limited())  # sent before any answer: one cut
+    assert throttle.rate == 18
 
 
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
@@ -279,6 +359,12 @@ async def test_its_counters_are_exported() -> None:
     assert got["enosfs_api_concurrency_limit"] == [((), START)]
     assert got["enosfs_rate_limited"] == [((), 5)]
     assert got["enosfs_throttled_waits"] == [((), 7)]
+    assert got["enosfs_api_pace_per_second"] == []  # no pace: no sample
+    throttle.rate = 48.0
+    doc = {"throttle": throttle.stats()}
+    assert [samples(m, doc) for m in METRICS if m.name == "enosfs_api_pace_per_second"] == [
+        [((), 48.0)]
+    ]
 
 
 def test_a_rate_limit_envelope_is_rate_limiting_whatever_its_status() -> None:
@@ -352,15 +438,15 @@ async def test_a_burst_over_the_rate_limit_completes_and_comes_down(
         emu.network(rate_limit="50/s")
         emu.reset_stats()
         errors: list[BaseException] = []
-        lowest = client.throttle.limit
+        highest = client.throttle.limit
 
         async def get(n: int) -> None:
-            nonlocal lowest
+            nonlocal highest
             try:
                 await client.get_device(emu.org, assets[n % len(assets)])
             except Exception as exc:  # every failure is what this test counts
                 errors.append(exc)
-            lowest = min(lowest, client.throttle.limit)
+            highest = max(highest, client.throttle.limit)
 
         async with trio.open_nursery() as nursery:
             for n in range(200):
@@ -369,7 +455,9 @@ async def test_a_burst_over_the_rate_limit_completes_and_comes_down(
     assert errors == []
     assert seen["devices.get"] - seen.get("ratelimit.429", 0) == 200
     throttle = client.throttle.stats()
-    assert throttle["decreases"] >= 1 and lowest < START
+    # The bound came down from the most it reached, and calls were paced after.
+    assert throttle["decreases"] >= 1 and throttle["limit"] < highest
+    assert throttle["rate_per_s"] is not None
     assert throttle["rate_limited"] == seen["ratelimit.429"]
     # The bound and Retry-After keep the calls near the allowed rate: a few 429s per
     # second of the burst, not one per call.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -15,8 +15,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio.testing import MockClock
 
-from enosfs.transport import LeanTransport, _request
+from enosfs.errors import DeadlineError, ProtocolError
+from enosfs.retry import RetryPolicy, as_enosfs_error, retrying
+from enosfs.transport import IDLE_EXPIRY, LeanTransport, _request
 from tests.test_faults import make_cert
 
 BODY = bytes(range(256)) * 4000  # ~1 MB
@@ -44,6 +47,10 @@ async def _answer(stream: trio.abc.Stream, head: bytes) -> None:
     elif path == b"/length-and-chunked":
         out = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
         await stream.send_all(out + b"5\r\nhello\r\n0\r\n\r\n")
+    elif path == b"/keep":
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=30\r\nContent-Length: 2\r\n\r\nok"
+        )
     elif path == b"/once":
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         raise EOFError  # the server drops the connection it said it would keep
@@ -52,7 +59,10 @@ async def _answer(stream: trio.abc.Stream, head: bytes) -> None:
 
 
 @asynccontextmanager
-async def raw_server(tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[int, list[int]]]:
+async def raw_server(
+    tls: ssl.SSLContext | None = None,
+    answer: Callable[[trio.abc.Stream, bytes], Awaitable[None]] = _answer,
+) -> AsyncIterator[tuple[int, list[int]]]:
     connections: list[int] = []
 
     async def handler(stream: trio.abc.Stream) -> None:
@@ -66,7 +76,7 @@ async def raw_server(tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[i
                         return
                     buf += data
                 head, _, buf = buf.partition(b"\r\n\r\n")
-                await _answer(stream, head)
+                await answer(stream, head)
         except (EOFError, trio.BrokenResourceError):
             pass
         finally:
@@ -123,6 +133,44 @@ async def test_connections_are_reused_and_dead_ones_replaced() -> None:
         assert len(conns) == 2
 
 
+async def test_an_idle_connection_lives_as_long_as_its_server_says(mock_clock: MockClock) -> None:
+    """Past IDLE_EXPIRY an idle connection is dropped, unless the server said (Keep-Alive:
+    timeout=30) that it keeps it longer: far away, a new one costs a round trip or two."""
+    lean = LeanTransport()
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=lean) as c:
+        base = f"http://127.0.0.1:{port}"
+        assert (await c.get(f"{base}/early")).content == b"hello"  # says nothing
+        mock_clock.jump(IDLE_EXPIRY + 1)
+        assert (await c.get(f"{base}/keep")).content == b"ok"
+        assert lean.connects == 2  # the first was not trusted any more
+        mock_clock.jump(IDLE_EXPIRY + 1)  # past 15 s, well within the server's 30
+        assert (await c.get(f"{base}/keep")).content == b"ok"
+        assert lean.connects == 2 and len(conns) == 2
+        mock_clock.jump(30)  # past what the server said
+        assert (await c.get(f"{base}/keep")).content == b"ok"
+        assert lean.connects == 3
+
+
+async def test_connections_opened_ahead_serve_the_first_requests_at_once() -> None:
+    lean = LeanTransport()
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=lean) as c:
+        origin = ("http", "127.0.0.1", port)
+        await lean.warm([origin, origin], 3)
+        assert lean.connects == 3
+        await lean.warm([origin], 3)  # three wait idle already
+        assert lean.connects == 3
+        got: list[bytes] = []
+
+        async def get() -> None:
+            got.append((await c.get(f"http://127.0.0.1:{port}/early")).content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(get)
+        assert got == [b"hello"] * 3
+        assert lean.connects == 3 and len(conns) == 3
+
+
 def test_a_header_value_that_cannot_be_sent_is_never_shown() -> None:
     """h11's own complaint repeats the value, which may be the access token."""
     with pytest.raises(httpx.LocalProtocolError) as info:
@@ -138,6 +186,75 @@ async def test_ambiguous_lengths_are_refused() -> None:
             with pytest.raises(httpx.RemoteProtocolError):
                 await c.get(f"http://127.0.0.1:{port}{path}")
         assert (await c.get(f"http://127.0.0.1:{port}/early")).content == b"hello"
+
+
+async def test_a_server_that_breaks_http_is_asked_once() -> None:
+    """An answer no one can frame safely would come back the same from every attempt:
+    the call fails at the first, with one line that says why, not after eight."""
+    policy = RetryPolicy(timeout=20, base_delay=0.01, max_delay=0.01, max_attempts=8)
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=LeanTransport()) as c:
+        for path in ("/two-lengths", "/length-and-chunked"):
+            before = len(conns)
+            url = f"http://127.0.0.1:{port}{path}"
+            with pytest.raises(ProtocolError) as info:
+                await retrying(policy, f"GET {path}", partial(c.get, url))
+            assert len(conns) - before == 1, "asked again"
+            text = str(info.value)
+            assert "\n" not in text and text.startswith(f"GET {path}: ")
+            assert "Content-Length" in text
+
+
+async def test_file_bodies_never_take_the_last_connections() -> None:
+    """Slow file bodies hold every connection they may take; an API call still gets
+    one at once, and a body past the limit fails with a timeout instead of waiting
+    without end."""
+    release = trio.Event()
+    heads = 0
+
+    async def answer(stream: trio.abc.Stream, head: bytes) -> None:
+        nonlocal heads
+        if head.split(b" ", 2)[1] != b"/body":
+            await _answer(stream, head)
+            return
+        heads += 1
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nx")
+        await release.wait()
+        await stream.send_all(b"y")
+
+    lean = LeanTransport(max_connections=8, pool_timeout=1.0)
+    bodies = lean.max_connections - lean.reserved
+    assert 0 < bodies < lean.max_connections
+    outcomes: list[object] = []
+    async with raw_server(answer=answer) as (port, _), httpx.AsyncClient(transport=lean) as c:
+        origin = ("http", "127.0.0.1", port)
+
+        async def body() -> None:
+            try:
+                r = await lean.request("GET", origin, b"/body", [])
+            except httpx.PoolTimeout as exc:
+                outcomes.append(as_enosfs_error(exc, "download"))
+                return
+            try:
+                outcomes.append(await r.aread())
+            finally:
+                await r.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(lean.max_connections):
+                nursery.start_soon(body)
+            with trio.fail_after(10):
+                while heads < bodies:
+                    await trio.sleep(0.01)
+                # An API call (through httpx, as api.py makes them) while bodies stream.
+                call = await c.get(f"http://127.0.0.1:{port}/early")
+            assert call.content == b"hello"
+            with trio.fail_after(10):
+                while len(outcomes) < lean.max_connections - bodies:
+                    await trio.sleep(0.01)
+            assert all(isinstance(o, DeadlineError) for o in outcomes), outcomes
+            release.set()
+    assert outcomes.count(b"xy") == bodies == heads
+    assert lean.in_use == 0
 
 
 async def test_tls_bodies_are_decrypted_into_the_callers_buffer(tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from pathlib import Path
 
 import pytest
 
+from enosfs import heap
 from enosfs.api import (
     BadRecord,
     FileMeta,
@@ -32,6 +34,7 @@ from enosfs.errors import (
     TokenRejected,
     errno_of,
 )
+from enosfs.linkspeed import LinkSpeed
 from enosfs.naming import (
     NAME_MAX,
     feature_file_name,
@@ -420,6 +423,48 @@ def test_readahead_stops_at_end_of_file() -> None:
     assert ra.on_read(size - 100, 100, size) is None
 
 
+def test_readahead_says_before_a_read_whether_it_is_random() -> None:
+    """Asked before each read, as fs.py does: small reads with no run behind them are
+    random (their misses fetch pieces); the third read of a run, or any large read, is
+    not (whole blocks)."""
+    ra = ReadAhead()
+    size = 1024 * MiB
+    verdicts = []
+    for off in (500 * MiB, 7 * MiB, 7 * MiB + 4096, 7 * MiB + 8192, 7 * MiB + 12288, 90 * MiB):
+        verdicts.append(ra.random(off, 4096))
+        ra.on_read(off, 4096, size)
+        assert verdicts[-1] == (not ra.sequential)
+    assert verdicts == [True, True, True, False, False, True]
+    assert not ra.random(300 * MiB, 128 * 1024)
+
+
+# -- link speed ------------------------------------------------------------------------
+
+
+def test_link_speed_sizes_a_random_fetch_by_bandwidth_times_round_trip() -> None:
+    piece = 64 * 1024
+    link = LinkSpeed(piece, 1 * MiB, 2 * piece)
+    assert link.span() == 2 * piece  # nothing measured yet
+    link.first_byte(0.040)
+    assert link.span() == 2 * piece  # a round trip, but no speed yet
+    link.body(2_000_000, 1.0)  # a thin link: 80 kB in a round trip
+    assert link.span() == piece
+    for _ in range(16):
+        link.body(25_000_000, 1.0)  # a fast one: 1 MB, rounded down to whole pieces
+    assert link.span() == 15 * piece
+    link.body(5 * piece, 0.001)  # too short to time: says nothing
+    assert link.bandwidth == 25_000_000
+    for _ in range(16):
+        link.body(100_000_000, 1.0)
+    assert link.span() == 1 * MiB  # never over the limit (a block)
+    link.first_byte(0.200)  # a new connection, a retry: the least round trip holds
+    assert link.rtt == 0.040
+    for _ in range(16):
+        link.first_byte(0.0001)  # loopback
+    assert link.span() == piece  # at least one piece
+    assert link.stats() == {"rtt_ms": 0.1, "bytes_per_s": 100_000_000, "random_fetch_bytes": piece}
+
+
 # -- emulator pieces ---------------------------------------------------------------------
 
 
@@ -536,3 +581,12 @@ def test_a_file_looks_the_same_whether_listed_or_asked_about() -> None:
     )
     assert listed.version == asked.version
     assert asked.digest == ("md5", "cd" * 16)  # the check still prefers the md5
+
+
+def test_young_collections_are_spaced_for_a_big_tree() -> None:
+    before = gc.get_threshold()
+    try:
+        heap.tune()
+        assert gc.get_threshold() == (heap.YOUNG, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)

@@ -25,15 +25,17 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enosfs.emulator.content import GeneratedContent
 from enosfs.emulator.expr import ExpressionError, compile_expression, lookup
 from enosfs.emulator.faults import BODY_KINDS, Fault, FaultError, Faults
 from enosfs.emulator.network import NetworkError, NetworkProfile
+from enosfs.emulator.objectstore import ObjectStore, is_lark_uri
 from enosfs.emulator.pacing import Pacer, chunk_for
 from enosfs.emulator.ratelimit import RateLimit, RateLimitError, retry_after
 from enosfs.emulator.state import (
@@ -46,10 +48,15 @@ from enosfs.emulator.state import (
     generated_bytes,
     now_ms,
 )
+from enosfs.emulator.trace import Trace
 from enosfs.signature import token_signature
 
 CHUNK = 1024 * 1024
 MAX_DEVICE_PAGE = 200
+# Seconds an idle connection is kept open (uvicorn's timeout_keep_alive), and said so
+# in every answer's Keep-Alive header, as nginx-style gateways do: a client then knows
+# how long a warm connection stays usable.
+KEEP_ALIVE = 30
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -63,6 +70,10 @@ class Switches:
     # How a bad token is answered: "gateway" (HTTP 401 {"message"}), "envelope" (code
     # 1203 with HTTP 200) or "apim" (apim_status 4011 with HTTP 200).
     token_rejection: str = "gateway"
+    # Seconds a signed object-store URL (getDownloadUrl) is good for.
+    lark_url_lifetime: float = 300.0
+    # Whether getFileInfo answers for files kept in object storage (enos-lark://).
+    lark_file_info: bool = True
 
     def update(self, changes: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
@@ -241,6 +252,27 @@ class BlobResponse:
             raise InjectedCut("injected: emulator stopping")
 
 
+class KeepAliveHeader:
+    """Adds `Keep-Alive: timeout=KEEP_ALIVE` to every answer (uvicorn says nothing)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"keep-alive", b"timeout=%d" % KEEP_ALIVE))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_header)
+
+
 def is_loopback(host: str | None) -> bool:
     """Is this address (or name) one that only this machine can reach?"""
     if host is None:
@@ -280,6 +312,11 @@ class Emulator:
         self.tokens: dict[str, IssuedToken] = {}
         self.seen_signatures: set[str] = set()
         self.counts: Counter[str] = Counter()
+        # Served on a socket of its own (server.py), as a real object store is elsewhere.
+        self.objectstore = ObjectStore(
+            state, self.switches, self.faults, self.counts, self.network, self.stopping
+        )
+        self.trace = Trace()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -298,6 +335,7 @@ class Emulator:
             ("health", self.health, ["GET"]),
             ("stats", self.stats, ["GET"]),
             ("stats/reset", self.stats_reset, ["POST"]),
+            ("trace", self.show_trace, ["GET"]),
             ("switches", self.set_switches, ["GET", "POST"]),
             ("tokens/revoke", self.revoke_tokens, ["POST"]),
             ("faults", self.set_faults, ["GET", "POST", "DELETE"]),
@@ -305,12 +343,13 @@ class Emulator:
             ("replace", self.replace_file, ["POST"]),
             ("apps", self.set_app, ["POST"]),
             ("tokens", self.list_tokens, ["GET"]),
+            ("objectstore/signatures", self.list_signatures, ["GET"]),
         ]
         for path, endpoint, methods in admin:
             routes.append(
                 Route(f"/__emulator__/{path}", self._admin_only(endpoint), methods=methods)
             )
-        return Starlette(routes=routes)
+        return Starlette(routes=routes, middleware=[Middleware(KeepAliveHeader)])
 
     def _admin_only(
         self, endpoint: Callable[[Request], Awaitable[Response]]
@@ -327,6 +366,14 @@ class Emulator:
         return guarded
 
     async def gate(self, request: Request, kind: str, *, auth: bool = True) -> Response | None:
+        """_gate, its arrival and answer noted in the trace."""
+        span = self.trace.arrived(kind)
+        try:
+            return await self._gate(request, kind, auth=auth)
+        finally:
+            self.trace.answered(span)
+
+    async def _gate(self, request: Request, kind: str, *, auth: bool = True) -> Response | None:
         """Count the request, play the faults picked for it, check its token.
 
         Returns the response that answers it instead of the handler, if any. Faults that
@@ -456,7 +503,10 @@ class Emulator:
         return JSONResponse({"ok": True})
 
     async def stats(self, request: Request) -> Response:
-        doc: dict[str, Any] = {"requests": dict(self.counts)}
+        doc: dict[str, Any] = {
+            "requests": dict(self.counts),
+            "objectstore": self.objectstore.stats(),
+        }
         if self.rate_limit is not None:
             # The most calls (refused ones included) one app made in any window.
             doc["rate_limit"] = {
@@ -467,9 +517,13 @@ class Emulator:
 
     async def stats_reset(self, request: Request) -> Response:
         self.counts.clear()
+        self.trace.reset()
         if self.rate_limit is not None:
             self.rate_limit.reset_peak()
         return JSONResponse({"ok": True})
+
+    async def show_trace(self, request: Request) -> Response:
+        return JSONResponse(self.trace.describe())
 
     async def set_switches(self, request: Request) -> Response:
         if request.method == "POST":
@@ -559,6 +613,11 @@ class Emulator:
     async def list_tokens(self, request: Request) -> Response:
         """The tokens issued so far, so tests can check they never reach a log."""
         return JSONResponse({"tokens": list(self.tokens)})
+
+    async def list_signatures(self, request: Request) -> Response:
+        """The signatures of the object-store URLs handed out so far (the last few
+        thousand): as secret as tokens, and checked for in logs the same way."""
+        return JSONResponse({"signatures": list(self.objectstore.issued)})
 
     async def revoke_tokens(self, request: Request) -> Response:
         self.tokens.clear()
@@ -660,12 +719,27 @@ class Emulator:
             return device
         if action == "download":
             return self._download(org, request, request.state.body_faults)
+        if action == "getDownloadUrl":
+            blob = self._blob_for(org, request)
+            if isinstance(blob, Response):
+                return blob
+            if not is_lark_uri(blob.uri):
+                return failure(
+                    99400,
+                    "Invalid Argument fileUri: only files kept in object storage "
+                    "(enos-lark://) have a download URL",
+                )
+            return envelope(self.objectstore.url_for(blob))
         if action == "getFileInfo":
             if not self.switches.file_info:
                 return failure(99400, "Invalid Argument action: unsupported action getFileInfo")
             blob = self._blob_for(org, request)
             if isinstance(blob, Response):
                 return blob
+            if is_lark_uri(blob.uri) and not self.switches.lark_file_info:
+                return failure(
+                    99400, "Invalid Argument fileUri: getFileInfo does not know enos-lark files"
+                )
             self.state.settle(blob)
             return envelope(
                 {
@@ -693,6 +767,14 @@ class Emulator:
         blob = self._blob_for(org, request)
         if isinstance(blob, Response):
             return blob
+        if is_lark_uri(blob.uri):
+            # As EnOS's SDK implies: such a file is read through its download URL only.
+            self.counts["files.download.lark_refused"] += 1
+            return failure(
+                99400,
+                "Invalid Argument fileUri: a file kept in object storage (enos-lark://) is "
+                "read through action=getDownloadUrl",
+            )
         self.state.settle(blob)
         size = blob.size
         headers = {

@@ -2,7 +2,8 @@
 
 Every file is made here, deterministically, so the demo's names, sizes and checksums are
 the same on every machine: a CSV, a JSON model file, a PNG, a zip, a SQLite database, an
-empty file, a large binary, and firmware images signed with md5 and sha256.
+empty file, a large binary, firmware images signed with md5 and sha256, and a file kept
+in object storage (`enos-lark://`, read through a signed URL).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ DEMO_ORG = "o16800000000001"
 DEMO_APP_KEY = "demo-app"
 DEMO_APP_SECRET = "demo-secret-not-for-production"
 LARGE_DEFAULT = 200 * 1024 * 1024
+# The demo's file kept in object storage: several blocks long, an odd size.
+LARK_URI = "enos-lark://lark-demo/5e1d0c2a9b7f4e61.dat"
+LARK_SIZE = 5 * 1024 * 1024 + 4321
 
 
 def png(width: int, height: int) -> bytes:
@@ -156,6 +160,13 @@ def build_demo(src: Path, large_size: int = LARGE_DEFAULT) -> dict[str, Any]:
             },
             "event_log": {"file": f"{asset}-events.db", "name": "events.db"},
         }
+        if i == 2:
+            attrs["blade_scan"] = {
+                "bytes": LARK_SIZE,
+                "seed": "blade-scan-" + asset,
+                "name": "blade-scan.dat",
+                "uri": LARK_URI,
+            }
         if i == 0:
             attrs["maintenance_notes"] = {**put("empty.txt", b""), "name": "notes.txt"}
             write_generated(src / "vibration.bin", large_size, "vibration-" + asset)
@@ -232,6 +243,7 @@ def build_demo(src: Path, large_size: int = LARGE_DEFAULT) -> dict[str, Any]:
                             "nameplate_photo": "FILE",
                             "commissioning_docs": "FILE",
                             "maintenance_notes": "FILE",
+                            "blade_scan": "FILE",
                         },
                         "measurepoints": {
                             "wind_speed": "DOUBLE",

@@ -19,6 +19,10 @@ repeated), and optionally only a number of times. Faults are set at start
 | stall     | a download that stops for `seconds` after `after` body bytes      |
 | bandwidth | a download paced at `rate` bytes per second                       |
 | corrupt   | a download with the byte at body offset `after` flipped          |
+| expired   | the object store refusing a good signed URL as expired (403)     |
+
+The object store (objectstore.py) takes the faults matching `objectstore.get`, and
+answers error and deny as an object store does (an XML error document).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ KINDS = (
     "stall",
     "bandwidth",
     "corrupt",
+    "expired",
 )
 BODY_KINDS = ("reset", "short", "stall", "bandwidth", "corrupt")
 

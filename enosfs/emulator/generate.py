@@ -63,6 +63,7 @@ class GenerateSpec:
     firmware_min: int = 2 * 1024 * 1024
     firmware_max: int = 6 * 1024 * 1024
     seed: int = 1  # another seed, another organisation of the same shape
+    lark: int = 0  # percent of device files kept in object storage (enos-lark://)
 
     def canonical(self) -> str:
         """The spec with every default written out: equal organisations, equal text."""
@@ -102,6 +103,8 @@ def parse_spec(text: str) -> GenerateSpec:
             raise SeedError(f"generate: {key} must be at least 1")
     if spec.file_min > spec.file_max or spec.firmware_min > spec.firmware_max:
         raise SeedError("generate: a size's _min must not be above its _max")
+    if spec.lark > 100:
+        raise SeedError("generate: lark is a percentage, 0 to 100")
     if spec.firmware_min < 64:
         raise SeedError("generate: firmware_min must be at least 64 bytes")
     return spec
@@ -119,6 +122,14 @@ def _skewed_size(rnd: random.Random, low: int, high: int) -> int:
         return low
     low1 = max(low, 1)
     return max(low, round(low1 * math.exp(math.log(high / low1) * rnd.random() ** 4)))
+
+
+def _scheme(spec: GenerateSpec, *parts: object) -> str:
+    """enos-lark:// for about spec.lark percent of device files, the same ones for the
+    same spec (chosen by hash, not drawn: sizes keep their draws), else enos-connect://."""
+    if spec.lark and int(_hex(*parts, n=8), 16) % 100 < spec.lark:
+        return "enos-lark://"
+    return "enos-connect://"
 
 
 def _identifiers(names: tuple[str, ...], exts: tuple[str, ...], n: int) -> list[tuple[str, str]]:
@@ -175,13 +186,15 @@ def build_generated(spec: GenerateSpec, data_dir: Path) -> State:
         rnd = random.Random(f"{s}\x1fsizes\x1f{asset_id}")
         device.attributes["rated_power"] = 2000.0 + 500 * (i % 5)
         for ident, ext in attrs:
-            uri = f"enos-connect://{_hex(org.org_id, asset_id, 'attributes', ident)}{ext}"
+            scheme = _scheme(spec, s, "lark", asset_id, "attributes", ident)
+            uri = f"{scheme}{_hex(org.org_id, asset_id, 'attributes', ident)}{ext}"
             size = _skewed_size(rnd, spec.file_min, spec.file_max)
             blob(uri, "feature", f"{ident}-{device.device_key}{ext}", size, created, "md5")
             device.attributes[ident] = uri
         device.measurepoints["wind_speed"] = [created, round(7.5 + (i % 7) * 0.5, 1)]
         for ident, ext in points:
-            uri = f"enos-connect://{_hex(org.org_id, asset_id, 'measurepoints', ident)}{ext}"
+            scheme = _scheme(spec, s, "lark", asset_id, "measurepoints", ident)
+            uri = f"{scheme}{_hex(org.org_id, asset_id, 'measurepoints', ident)}{ext}"
             size = _skewed_size(rnd, spec.file_min, spec.file_max)
             blob(uri, "feature", f"{ident}-{device.device_key}{ext}", size, created, "md5")
             device.measurepoints[ident] = [created, uri]

@@ -22,11 +22,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from enosfs.emulator.pacing import Pacer, chunk_for
+from enosfs.emulator.pacing import Pacer
 from enosfs.errors import ConfigError
 from enosfs.values import parse_seconds, parse_size
-
-CHUNK = 1024 * 1024
 
 
 class NetworkError(ValueError):
@@ -86,13 +84,18 @@ class NetworkProfile:
 
     def pacers(self) -> list[Pacer]:
         """The pacers a new download body goes through: its own (per connection) and the
-        link's, shared with every other body."""
+        link's, shared with every other body.
+
+        No burst: each chunk leaves when its last byte would have crossed the link, so
+        that n bytes cost n / rate from the first. A burst of one chunk (a twentieth of
+        a second's worth) would hand a small fetch its bytes free, and a thin link
+        would reward fetching 100 KB for a 4 KiB read as if it cost nothing."""
         out = []
         if self.conn > 0:
-            out.append(Pacer(self.conn, chunk_for(self.conn, CHUNK)))
+            out.append(Pacer(self.conn, 0))
         if self.link > 0:
             if self._link_pacer is None or self._link_pacer.rate != self.link:
-                self._link_pacer = Pacer(self.link, chunk_for(self.link, CHUNK))
+                self._link_pacer = Pacer(self.link, 0)
             out.append(self._link_pacer)
         return out
 

@@ -21,7 +21,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from enosfs.emulator.app import Emulator, InjectedCut, Switches, is_loopback
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from enosfs.emulator.app import KEEP_ALIVE, Emulator, InjectedCut, Switches, is_loopback
 from enosfs.emulator.demo import LARGE_DEFAULT, build_demo
 from enosfs.emulator.faults import Faults
 from enosfs.emulator.generate import PREFIX, GenerateSpec, build_generated, parse_spec
@@ -45,6 +47,7 @@ class EmulatorOptions:
     expose_admin: bool = False
     network: NetworkProfile | None = None
     rate_limit: RateLimit | None = None
+    objectstore_port: int = 0  # where signed URLs point (enos-lark:// files); 0: any
 
 
 # A reply held by a fault (stall, bandwidth) may keep shutdown waiting this long at most.
@@ -110,6 +113,19 @@ class _QuietCuts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, InjectedCut)
+
+
+def by_port(apis: ASGIApp, store: ASGIApp, store_port: int) -> ASGIApp:
+    """One server, two faces: requests that came in on the object store's socket go to
+    the object store, all others to the EnOS APIs. (One uvicorn server for both keeps a
+    single shutdown and signal handling.)"""
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        app = store if server is not None and server[1] == store_port else apis
+        await app(scope, receive, send)
+
+    return route
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -193,14 +209,19 @@ def _serve(opts: EmulatorOptions) -> int:
         except (SeedError, OSError, KeyError, TypeError) as exc:
             print(f"enosfs emulator: {exc}", file=sys.stderr)
             return 2
-        try:
-            sock = bind(opts.host, opts.port)
-        except OSError as exc:
-            print(
-                f"enosfs emulator: cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
-                file=sys.stderr,
-            )
-            return 2
+        sockets: list[socket.socket] = []
+        for wanted in (opts.port, opts.objectstore_port):
+            try:
+                sockets.append(bind(opts.host, wanted))
+            except OSError as exc:
+                for bound in sockets:
+                    bound.close()
+                print(
+                    f"enosfs emulator: cannot listen on {opts.host}:{wanted}: {exc.strerror}",
+                    file=sys.stderr,
+                )
+                return 2
+        sock, store_sock = sockets
         emulator = Emulator(
             state,
             opts.switches,
@@ -216,8 +237,10 @@ def _serve(opts: EmulatorOptions) -> int:
         shown = f"[{host}]" if ":" in host else host
         scheme = "https" if opts.tls_cert else "http"
         url = f"{scheme}://{shown}:{port}"
+        store_port = store_sock.getsockname()[1]
+        emulator.objectstore.base_url = f"{scheme}://{shown}:{store_port}"
         config = uvicorn.Config(
-            emulator.app(),
+            by_port(emulator.app(), emulator.objectstore.app(), store_port),
             ssl_certfile=opts.tls_cert,
             ssl_keyfile=opts.tls_key,
             log_level="warning",
@@ -226,7 +249,7 @@ def _serve(opts: EmulatorOptions) -> int:
             # httptools, with the network profile's connect cost (none by default).
             http=distant_protocol(emulator.network, emulator.counts),
             loop="uvloop",
-            timeout_keep_alive=30,
+            timeout_keep_alive=KEEP_ALIVE,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
         )
         server = uvicorn.Server(config)
@@ -243,14 +266,20 @@ def _serve(opts: EmulatorOptions) -> int:
             emulator.stopping.set()
 
         async def main() -> None:
-            task = asyncio.create_task(server.serve(sockets=[sock]))
+            task = asyncio.create_task(server.serve(sockets=[sock, store_sock]))
             watcher = asyncio.create_task(stop_when_told())
             while not server.started and not task.done():
                 await asyncio.sleep(0.01)
             if server.started:
                 if opts.ready_file:
                     Path(opts.ready_file).write_text(
-                        json.dumps({"url": url, "data_dir": str(data_dir)})
+                        json.dumps(
+                            {
+                                "url": url,
+                                "objectstore_url": emulator.objectstore.base_url,
+                                "data_dir": str(data_dir),
+                            }
+                        )
                     )
                 orgs = ", ".join(state.orgs) or "none"
                 print(
