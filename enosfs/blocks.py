@@ -13,10 +13,11 @@ offset to the block's end first, and the block's head with a second request, so 
 random 4 KiB read waits for one short transfer, not for half a block.
 
 A random reader (readahead.py says it has no sequential pattern) does not fetch whole
-blocks at all: its miss fetches the 64 KiB pieces its read falls in, grown to what the
-link delivers within a round trip (linkspeed.py), and the block is filled in parts. A
-block partly filled rests in the LRU as its flight, buffer allocated whole and counted
-whole; a later read of its filled part is a hit, of another part a fetch of just that
+blocks at all: its miss fetches from its read's first page on, grown to what the link
+delivers in a small share of a round trip (linkspeed.py: whole 64 KiB pieces on a fast
+link, a few pages on a thin one), and the block is filled in parts. A block partly
+filled rests in the LRU as its flight, buffer allocated whole and counted whole; a
+later read of its filled part is a hit, of another part a fetch of just that
 part, and a sequential reader that reaches it fetches the rest. Files whose blocks are
 checked (a small file against its digest, a file a whole reading matched against each
 block's CRC) are still fetched in whole blocks, so nothing checked today goes
@@ -58,6 +59,7 @@ _quiet = Quieter(log)
 
 MAX_RESUMES = 3
 MAX_FREE_BUFFERS = 64
+MAX_CONSUMED = 4096  # blocks partly read by sequential readers, counted (_consume)
 # A block whose fetch just failed fails again at once for this long, rather than
 # costing each retry (the kernel's included) a whole deadline: a down backend gives
 # readers a prompt error, not a storm of slow ones.
@@ -69,13 +71,12 @@ LIVE = 1.0
 FIRST_LOOK = 0.25
 MAX_GOOD_FILES = 4096
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
-PIECE = SPLIT_ALIGN  # what a random reader's miss fetches: whole pieces of this size
+# A random reader's miss fetches whole pieces of this size on a fast link, whole pages
+# on a thin one (linkspeed.py).
+PIECE = SPLIT_ALIGN
 # A random miss fetches this much until the link's round trip and bandwidth are known.
 FIRST_RANDOM_FETCH = 128 * 1024
 PAGE = 4096
-# Bytes ahead of a random read in its fetch that would hold it up longer than this come
-# in a request of their own.
-SPLIT_WAIT = 0.005
 
 
 def _free_refcount() -> int:
@@ -199,6 +200,13 @@ class Flight:
             out.append((pos, hi))
         return out
 
+    def free_after(self, pos: int) -> int:
+        """Where the first byte from pos on that landed or is asked for lies (the
+        block's size if none): how far a fetch from pos may grow without fetching a
+        byte twice."""
+        taken = [a for a, b in [*self.spans, *self.asked] if b > pos]
+        return max(pos, min(taken, default=self.size))
+
     @property
     def complete(self) -> bool:
         return self.covered(0, self.size)
@@ -286,7 +294,7 @@ class BlockCache:
         self.lru: LRUCache[tuple[object, ...], bytearray | Flight] = LRUCache(
             maxsize=lru_size, getsizeof=_held
         )
-        self.link = LinkSpeed(PIECE, block_size, FIRST_RANDOM_FETCH)
+        self.link = LinkSpeed(PIECE, block_size, FIRST_RANDOM_FETCH, PAGE)
         self.inflight = 0  # bytes of blocks claimed and not yet delivered or failed
         self.etags: dict[tuple[str, Hashable], str] = {}
         # Per file version a whole reading matched: the CRC-32 of each of its blocks.
@@ -302,6 +310,8 @@ class BlockCache:
         self.counts: Counter[str] = Counter()
         self._free: list[bytearray] = []
         self._released: list[bytearray] = []
+        # Per block a sequential reader is reading: the bytes it was served so far.
+        self._consumed: dict[tuple[object, ...], int] = {}
 
     def stats(self) -> dict[str, Any]:
         """Its part of /.enosfs/stats: the memory tier of the cache, and the blocks on
@@ -360,11 +370,11 @@ class BlockCache:
         deadline plus a grace), longer only while they are still coming; with no_wait,
         not at all (DeadlineError): the caller's system call already waited its fill.
         With random_access (a reader with no sequential pattern), a miss fetches only
-        the pieces around the read, not whole blocks (see the module's doc).
+        the pages or pieces around the read, not whole blocks (see the module's doc).
 
         A read inside one block is a view of the cached block: no copy on the way to the
         kernel. A read across blocks is joined. With consume (a sequential reader, whose
-        bytes now sit in the kernel's page cache), blocks read to their end leave the
+        bytes now sit in the kernel's page cache), blocks it has read all of leave the
         cache and their buffers are reused for the blocks still to come.
         """
         self._recycle()
@@ -419,8 +429,8 @@ class BlockCache:
                     raise self._timed_out(f, spans)
                 deadline = now + LIVE
             parts.append(memoryview(block)[lo:hi])
-            if consume and hi == len(block):
-                self._release(f, index)
+            if consume:
+                self._consume(f, index, len(block), hi - lo)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _available(self, f: CachedFile, index: int, lo: int, hi: int) -> bool:
@@ -558,17 +568,21 @@ class BlockCache:
         keys = [self._disk_key(f, i) for i in range((f.size - 1) // self.block_size + 1)]
         return [k for k in keys if k is not None]
 
-    def prefetch(self, f: CachedFile, start: int, stop: int) -> None:
+    def prefetch(self, f: CachedFile, start: int, stop: int, request: int | None = None) -> int:
         """Start fetching bytes [start, stop) in the background; nobody waits for them.
+        Returns where what is under way ends: stop, or less where the budget clipped it
+        (the reader's read-ahead asks for the rest again, readahead.py).
 
         Only as much as the read-ahead share of the memory budget allows: with many
         files open at once, each gets less read-ahead, and memory stays bounded.
+        `request` is the bytes one ranged request carries (whole blocks, at most
+        max_request): the read-ahead window sizes it so that several are in flight.
         """
         if stop <= start or start >= f.size:
-            return
+            return stop
         if f.size <= self.whole_file_limit:
             self._ensure_whole(f)  # a small file is only ever fetched, and checked, whole
-            return
+            return stop
         bs = self.block_size
         first, last = start // bs, (min(stop, f.size) - 1) // bs
         room = self.prefetch_cap - self.inflight
@@ -580,9 +594,11 @@ class BlockCache:
                     break
             index += 1
         if index > first:
-            self._ensure(f, first, index - 1)
+            self._ensure(f, first, index - 1, request=request)
         if index <= last:
             self.counts["readahead_clipped"] += 1
+            return max(start, index * bs)
+        return stop
 
     def drop(self, f: CachedFile) -> None:
         """Forget every cached block of this version of f."""
@@ -590,6 +606,21 @@ class BlockCache:
             del self.lru[k]
 
     # -- buffers -------------------------------------------------------------------------
+
+    def _consume(self, f: CachedFile, index: int, size: int, n: int) -> None:
+        """A sequential reader was served n more bytes of a block of `size`; once it has
+        had them all, the block leaves the cache. Counted rather than judged by the read
+        that reaches the block's end: the kernel's reads finish in any order (the more
+        ranges are on their way, the more so), and a block let go when its end was read
+        would be fetched again, a round trip, for a read of its start still waiting."""
+        key = self._key(f, index)
+        served = self._consumed.pop(key, 0) + n
+        if served < size:
+            if len(self._consumed) >= MAX_CONSUMED:
+                self._consumed.clear()  # readers that stopped halfway through blocks
+            self._consumed[key] = served
+            return
+        self._release(f, index)
 
     def _release(self, f: CachedFile, index: int) -> None:
         block = self.lru.pop(self._key(f, index), None)
@@ -668,8 +699,16 @@ class BlockCache:
             del self.flights[self._key(f, index)]
         self.inflight -= flight.size
 
-    def _ensure(self, f: CachedFile, first: int, last: int, hint: int | None = None) -> None:
-        """Start fetches for the blocks in [first, last] that nobody has or is getting.
+    def _ensure(
+        self,
+        f: CachedFile,
+        first: int,
+        last: int,
+        hint: int | None = None,
+        request: int | None = None,
+    ) -> None:
+        """Start fetches for the blocks in [first, last] that nobody has or is getting,
+        in requests of `request` bytes (default and most: max_request).
 
         hint is the offset of a read waiting for the first of them: when it lies deep in
         a block, that block is fetched from the hint on first (see the module's doc).
@@ -677,7 +716,8 @@ class BlockCache:
         of them, when it runs to the block's end, leads the request for the blocks after.
         """
         bs = self.block_size
-        blocks_per_request = max(1, self.max_request // bs)
+        per_request = self.max_request if request is None else min(request, self.max_request)
+        blocks_per_request = max(1, per_request // bs)
         index = first
         while index <= last:
             owned: dict[int, Flight] = {}
@@ -720,11 +760,20 @@ class BlockCache:
                 self._spawn(f, start, end, owned)
 
     def _ensure_pieces(self, f: CachedFile, index: int, lo: int, hi: int) -> bool:
-        """For a random reader: start a fetch of the pieces of block `index` that its
-        bytes [lo, hi) fall in and nobody has or is getting, grown to what the link
-        gives in a round trip; True if a fetch started. A block on disk is loaded whole
-        (no round trip). Where the span's bytes before the read would hold the reader
-        up, they come in a request of their own."""
+        """For a random reader: start one fetch of the bytes of block `index` its read
+        [lo, hi) needs and nobody has or is getting, grown forward to the link's span
+        (linkspeed.py: what the link brings in a small share of a round trip) but never
+        onto bytes someone has or is getting, nor past the block's end; True if a fetch
+        started. A block on disk is loaded whole (no round trip).
+
+        On a thin link (a span under a piece) the fetch starts at the read's first
+        page: bytes before the read would come first and keep the reader waiting. On a
+        fast one it starts at the read's piece, since there a piece costs less than the
+        span: the bytes before the read add less than the span's own small share of a
+        round trip, and readers of one piece share one fetch whatever order they come
+        in. Never grown back further: those bytes would come first, or cost a request
+        of their own (one more a miss, against a gateway that counts them), for a bet
+        on a reader going backwards."""
         key = self._key(f, index)
         held = self.lru.get(key)
         if isinstance(held, bytearray):
@@ -745,35 +794,14 @@ class BlockCache:
             return False
         if not flight.gaps(lo, hi):
             return False  # its bytes landed or are on their way
-        need = flight.gaps(lo // PIECE * PIECE, min(flight.size, -(-hi // PIECE) * PIECE))
+        span = self.link.span()
+        unit = PIECE if span >= PIECE else PAGE
+        # The read's missing bytes in whole units (those between two of its gaps come
+        # again: one request, not several).
+        need = flight.gaps(lo // unit * unit, min(flight.size, -(-hi // unit) * unit))
         a, b = need[0][0], need[-1][1]
-        want = self.link.span()
-        # Grown over whole pieces nobody has or is getting, forward first (a reader
-        # more often reads on than back).
-        while b - a < want and b < flight.size:
-            nxt = min(b + PIECE, flight.size)
-            if flight.gaps(b, nxt) != [(b, nxt)]:
-                break
-            b = nxt
-        while b - a < want and a >= PIECE and flight.gaps(a - PIECE, a) == [(a - PIECE, a)]:
-            a -= PIECE
+        b = max(b, min(a + span, flight.free_after(b)))
         start = index * self.block_size
-        # The bytes before the read's own in its span would come first and keep the
-        # reader waiting: where that wait counts (a thin link, or a span grown back
-        # from a block's end), they come in a second request beside the first.
-        split = max(a, lo // PAGE * PAGE)
-        bandwidth = self.link.bandwidth
-        if (
-            bandwidth
-            and a < split < b
-            and (split - a) / bandwidth > SPLIT_WAIT
-            and flight.gaps(a, split) == [(a, split)]
-        ):
-            self.counts["split_fetches"] += 1
-            self.counts["random_fetches"] += 2
-            self._spawn(f, start + split, start + b, {index: flight}, random_access=True)
-            self._spawn(f, start + a, start + split, {index: flight}, random_access=True)
-            return True
         self._spawn(f, start + a, start + b, {index: flight}, random_access=True)
         self.counts["random_fetches"] += 1
         return True

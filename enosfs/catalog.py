@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -37,6 +37,7 @@ from enosfs.config import Settings
 from enosfs.errors import Denied, EnosfsError, NotFound
 from enosfs.expiring import Expiring
 from enosfs.naming import feature_file_name, firmware_file_name, safe_name, uri_id
+from enosfs.priority import Ahead, PriorityLimiter, current, needed, speculative, under
 from enosfs.settings_schema import default
 from enosfs.signedurls import LARK_SCHEME
 from enosfs.source import Listings
@@ -98,9 +99,11 @@ class Catalog:
         self.firmwares: Expiring[tuple[str, str], list[Firmware]] = Expiring(ttl, clock)
         self._denied_said: set[str] = set()
         self._bad_said: set[str] = set()  # fileUris whose record was said to be unusable
-        self._meta_limit = trio.Semaphore(settings.max_api_concurrency)
+        # In lanes (priority.py): the size someone waits for passes the sizes fetched ahead.
+        self._meta_limit = PriorityLimiter(settings.max_api_concurrency)
         self._offered: dict[str, tuple[list[Device], float]] = {}  # see offer_devices
-        self._model_flights: dict[tuple[str, str], trio.Event] = {}  # thing models asked
+        # Thing models being asked, and the standing they were asked with (priority.py).
+        self._model_flights: dict[tuple[str, str], tuple[trio.Event, Ahead | None]] = {}
         # org -> what its last device search said people name its devices by (views.py);
         # None where it may not search (Denied, or `discover` off): no views there.
         self.known: dict[str, list[Known] | None] = {}
@@ -191,6 +194,7 @@ class Catalog:
         refs: list[FileRef],
         where: str = "",
         each: Callable[[str, FileMeta | EnosfsError], None] | None = None,
+        standing: Mapping[str, Ahead] | None = None,
     ) -> dict[str, FileMeta | EnosfsError]:
         """fileUri -> its record, or why there is none, for a folder's files at once:
         `ls -l` asks for every entry right after the first, so the first pays one round
@@ -202,16 +206,20 @@ class Catalog:
         While the client is still learning whether the server has getFileInfo, its
         first call goes alone and the others wait (api.py): that first call is the
         first ref's, the file a caller is waiting for; it takes the first slot in any
-        case."""
+        case. `standing` (fileUri -> token) marks the calls made ahead of need
+        (priority.py): they queue behind any call someone waits for, and the token
+        hurries one when someone comes to wait for it."""
         out: dict[str, FileMeta | EnosfsError] = {}
 
         async def fill(
             ref: FileRef, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
         ) -> None:
+            token = standing.get(ref.uri) if standing is not None else None
             try:
-                async with self._meta_limit:
-                    task_status.started()
-                    out[ref.uri] = await self.file_meta(ref)
+                with under(token):
+                    async with self._meta_limit:
+                        task_status.started()
+                        out[ref.uri] = await self.file_meta(ref)
             except NotFound as exc:
                 log.debug("%s: %s is referenced but does not exist", where, ref.uri)
                 out[ref.uri] = exc
@@ -378,7 +386,8 @@ class Catalog:
 
         async def one(model_id: str) -> None:
             try:
-                await self._features(org, model_id)
+                with speculative():  # a listing that comes to need it hurries it
+                    await self._features(org, model_id)
             except EnosfsError as exc:
                 log.debug("thing model %s not fetched ahead: %s", model_id, exc)
 
@@ -393,11 +402,13 @@ class Catalog:
             return cached
         flight = self._model_flights.get(key)
         if flight is not None:  # asked already (models_ahead): one call for both
-            await flight.wait()
+            needed(flight[1])
+            await flight[0].wait()
             cached = self.models.fresh(key)
             if cached is not None:
                 return cached
-        done = self._model_flights[key] = trio.Event()
+        done = trio.Event()
+        self._model_flights[key] = (done, current())
         try:
             try:
                 features = await self.client.get_file_features(org, model_id)
@@ -406,7 +417,7 @@ class Catalog:
                 features = FileFeatures()
             self.models.put(key, features)
         finally:
-            if self._model_flights.get(key) is done:
+            if self._model_flights.get(key, (None,))[0] is done:
                 del self._model_flights[key]
             done.set()
         return features

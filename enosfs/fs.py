@@ -497,7 +497,9 @@ class EnosFS(pyfuse3.Operations):
                 raise
         ahead = h.readahead.on_read(off, size, h.cached.size)
         if ahead is not None:
-            self.cache.prefetch(h.cached, *ahead)
+            reached = self.cache.prefetch(h.cached, *ahead, request=h.readahead.request)
+            if reached < ahead[1]:
+                h.readahead.clipped(reached)
         return data
 
     async def _check_reading(self, h: Handle, off: int, data: bytes | memoryview) -> None:

@@ -44,13 +44,6 @@ METRICS: tuple[Metric, ...] = (
         optional=True,
     ),
     Metric(
-        "enosfs_api_pace_per_second",
-        "gauge",
-        "API calls a second the gateway's last 429 set as a pace (absent: no pace)",
-        ("throttle", "rate_per_s"),
-        optional=True,
-    ),
-    Metric(
         "enosfs_rate_limited",
         "counter",
         "Rate-limit answers from the gateway (HTTP 429, envelopes)",

@@ -36,6 +36,7 @@ from enosfs.catalog import Catalog, Entry
 from enosfs.config import CATEGORIES, Settings
 from enosfs.errors import EnosfsError, NotFound, TransportError
 from enosfs.naming import safe_name, settle, uri_id
+from enosfs.priority import Ahead, current, needed, speculative, urgent
 from enosfs.source import Listings
 from enosfs.views import BY_KEY, BY_NAME, VIEW_NAMES, Known, by_key, by_name
 
@@ -99,6 +100,8 @@ class Dir(Node):
     missing: dict[str, float] = field(default_factory=dict)
     loaded_at: float = float("-inf")
     refreshing: trio.Event | None = None  # set when the refresh under way ends
+    # Whether someone waits for that refresh (None) or it was started ahead (priority.py).
+    refresh_standing: Ahead | None = None
     refresh_error: EnosfsError | None = None
     # The files in listing order, for read-ahead across files (see Namespace.siblings).
     order: list[File] = field(default_factory=list)
@@ -122,6 +125,9 @@ class Sizing:
     failed: dict[int, EnosfsError] = field(default_factory=dict)
     settled: set[int] = field(default_factory=set)  # inodes whose answer came
     waiting: dict[int, trio.Event] = field(default_factory=dict)
+    # fileUri -> the standing of its call, for those asked ahead of need (priority.py):
+    # a caller that comes to wait for one hurries it.
+    standing: dict[str, Ahead] = field(default_factory=dict)
 
     def settle(self, inode: int) -> None:
         self.settled.add(inode)
@@ -268,10 +274,12 @@ class Namespace:
         done = d.refreshing
         if done is None:
             done = d.refreshing = trio.Event()
+            d.refresh_standing = current()  # the task below runs with the same
             if self.nursery is not None:
                 self.nursery.start_soon(self._refresh, d, done)
             else:
                 await self._refresh(d, done)
+        needed(d.refresh_standing)  # a walk's read-ahead this caller waits for goes first
         await done.wait()
         if d.children is None:
             assert d.refresh_error is not None
@@ -325,7 +333,9 @@ class Namespace:
         async def again() -> None:
             if d.refreshing is None:
                 done = d.refreshing = trio.Event()
-                await self._refresh(d, done)
+                with speculative() as token:  # nobody waits: the old listing is served
+                    d.refresh_standing = token
+                    await self._refresh(d, done)
 
         self.nursery.start_soon(again)
 
@@ -603,6 +613,7 @@ class Namespace:
             return await self._file_meta_alone(f)  # named by its id: not in a listing
         self._sizes_wanted(d)
         batch = d.sizing.get(f.inode) or await self._size_folder(d, f)
+        needed(batch.standing.get(f.ref.uri))  # asked ahead, and now waited for
         await batch.wait_for(f.inode)
         err = batch.failed.get(f.inode)
         if err is None:
@@ -658,6 +669,10 @@ class Namespace:
         batch = Sizing()
         for n in files:
             d.sizing[n.inode] = batch
+        # Only f's size may have someone waiting for it: the rest is asked ahead of
+        # need, behind any call someone waits for (priority.py).
+        mine = f.ref.uri if urgent() else None
+        batch.standing = {n.ref.uri: Ahead() for n in files if n.ref.uri != mine}
         if self.nursery is not None:
             self.nursery.start_soon(self._size, d, files, batch)
         else:
@@ -685,7 +700,9 @@ class Namespace:
                 batch.settle(n.inode)
 
         try:
-            await self.catalog.sizes([n.ref for n in files], where=d.path, each=settle)
+            await self.catalog.sizes(
+                [n.ref for n in files], where=d.path, each=settle, standing=batch.standing
+            )
             self._drop(d, gone, batch)
         except Exception:
             # A bug, not a server fault: it runs in the mount's nursery, which it must

@@ -14,9 +14,11 @@ What is fetched ahead is an ordinary listing of the tree (cached for `metadata_t
 shared with whoever asks for it next). A walk that asks for sizes (`ls -lR`, `du`:
 a size asked in the organisation in the last few seconds) gets the files ahead sized
 too, a folder at a time; one that does not (`find`, `ls -R`) costs no getFileInfo.
-Foreground first: at most `in_flight` fetches run at once, fewer than the API bound
-allows (throttle.py), so a request of the user finds a slot; a fetch that has not
-started when the user gets there finds the listing done by the user, and asks nothing.
+Foreground first: at most `in_flight` fetches run at once, and their calls queue
+behind any call a user waits for (priority.py: each listing and each file's size goes
+"ahead", with a standing of its own, so the user who comes to wait for one hurries that
+one alone); a fetch that has not started when the user gets there finds the listing
+done by the user, and asks nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import trio
 
 from enosfs.errors import EnosfsError
 from enosfs.namespace import Dir, DirKind, Namespace, Node
+from enosfs.priority import speculative
 from enosfs.readahead import FolderReadAhead
 
 log = logging.getLogger(__name__)
@@ -104,16 +107,19 @@ class WalkAhead:
         does not (`find`, `ls -R`)."""
         try:
             async with self.limit:
-                categories = await self.ns.children(asset)
+                with speculative():
+                    categories = await self.ns.children(asset)
                 sizes = asset.parent is not None and self.ns.sizes_wanted(asset.parent)
                 for d in categories.values():
                     if not isinstance(d, Dir):
                         continue
                     if not self.ns.fresh(d):
-                        await self.ns.children(d)
+                        with speculative():
+                            await self.ns.children(d)
                         self.counts["listings"] += 1
                     if sizes:
-                        await self.ns.size_folder(d)
+                        with speculative():
+                            await self.ns.size_folder(d)
                         self.counts["sized_folders"] += 1
         except EnosfsError as exc:
             # The walk asks again when it gets there, and reports the failure then.

@@ -186,6 +186,9 @@ class FakeSource:
         self.faults: list[Fault] = []
         self.counts: Counter[str] = Counter()
         self.open_bodies = 0
+        # Downloads asked for and not yet ended, those still waiting for their answer
+        # (a round trip away) included: the ranges a reader has on their way.
+        self.requests_under_way = 0
         self._files: dict[str, FakeFile] = {}
         self._versions = 0
 
@@ -225,6 +228,15 @@ class FakeSource:
     async def open_download(
         self, ref: FileRef, start: int = 0, end: int | None = None
     ) -> AsyncIterator[FakeBody]:
+        self.requests_under_way += 1
+        try:
+            async with self._download(ref, start, end) as body:
+                yield body
+        finally:
+            self.requests_under_way -= 1
+
+    @asynccontextmanager
+    async def _download(self, ref: FileRef, start: int, end: int | None) -> AsyncIterator[FakeBody]:
         what = f"download {uri_id(ref.uri)}"
         self.counts["files.download"] += 1
         faults = self._take("files.download")

@@ -18,6 +18,7 @@ from enosfs.catalog import META_CONCURRENCY
 from enosfs.changes import Changes
 from enosfs.errors import NotFound, TransportError
 from enosfs.namespace import Dir, DirKind, File, Namespace
+from enosfs.throttle import ApiThrottle
 from enosfs.walkahead import WalkAhead
 from tests.fake_listings import ORG, ApiFault, FakeListings
 from tests.test_catalog import demo, settings
@@ -332,3 +333,61 @@ async def test_a_random_visit_lists_no_other_asset(autojump_clock: MockClock) ->
         await trio.sleep(10 * LATENCY)
         assert fake.counts["measurepoints.queryLatest"] == 4
         assert ahead.counts["listings"] == 0
+
+
+class Gated(Recorded):
+    """The fake behind the API bound, as the client's calls are (throttle.py): what it
+    answered, in order."""
+
+    def __init__(self, throttle: ApiThrottle) -> None:
+        super().__init__()
+        self.throttle = throttle
+        self.answered: list[tuple[str, tuple[str, ...]]] = []
+
+    async def _call(self, kind: str, about: tuple[str, ...], what: str) -> None:
+        async with self.throttle.slot():
+            await super()._call(kind, about, what)
+        self.answered.append((kind, about))
+
+
+async def test_a_users_lookup_is_answered_before_a_walks_read_ahead_drains(
+    autojump_clock: MockClock,
+) -> None:
+    """`ls -lR` has queued the next assets' listings and sizes in the API bound; a user
+    who opens a file elsewhere waits for a slot or two, not for the queue."""
+    throttle = ApiThrottle(4, start=4)
+    fake = Gated(throttle)
+    big_org(fake, 60, files=10)
+    ns = Namespace(fake, settings())
+    async with trio.open_nursery() as nursery:
+        ns.nursery = nursery
+        ahead = WalkAhead(ns, nursery)
+        assets = await asset_folders(ns, await folder(ns, ORG))
+        await visit(fake, ns, ahead, assets[0])
+        for f in (await files_of(ns, await folder(ns, f"{ORG}/A-0000/feature"))).values():
+            await ns.file_meta(f)  # sizes asked: the walk gets them fetched ahead
+        for asset in assets[1:3]:
+            await visit(fake, ns, ahead, asset)
+        await trio.testing.wait_all_tasks_blocked()
+        queued = throttle.stats()["waiting_ahead"]
+        assert queued >= 8, queued
+        assert throttle.stats()["waiting"] == queued  # nobody else waits
+
+        started = len(fake.answered)
+        elsewhere = await files_of(ns, await folder(ns, f"{ORG}/{assets[-1].name}/feature"))
+        wanted = elsewhere[sorted(elsewhere)[3]]
+        meta = await ns.file_meta(wanted)
+        assert meta.size == fake.metas[wanted.ref.uri].size
+        # Its listing and its size went ahead of the queue: a few calls made ahead were
+        # answered meanwhile (those in flight when each of its two calls came), not the
+        # queue.
+        assert len(fake.answered) - started <= 5 * throttle.limit < queued
+        assert throttle.stats()["waiting_ahead"] > 0
+        # The rest of the read-ahead still ends, and nothing is left in the bound.
+        while throttle.stats()["waiting"] or throttle.in_use:
+            await trio.sleep(LATENCY)
+        assert ahead.counts["failed"] == 0
+        assert ahead.counts["sized_folders"] > 0
+        sized = await files_of(ns, await folder(ns, f"{ORG}/{assets[4].name}/feature"))
+        assert all(ns.meta_fresh(f) for f in sized.values())  # sized ahead, all of it
+        nursery.cancel_scope.cancel()

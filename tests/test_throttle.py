@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
 from enosfs.api import check_envelope
 from enosfs.errors import NotFound, RateLimited, ServerError, TransportError
 from enosfs.metrics import METRICS, samples
+from enosfs.priority import Ahead, PriorityLimiter, needed, speculative, under
 from enosfs.retry import RetryPolicy, retrying
-from enosfs.throttle import QUIET, START, ApiThrottle
+from enosfs.throttle import START, ApiThrottle
 from tests.support import Emulator, mounted, stats_of
 from tests.test_client import client_for
 
@@ -151,97 +153,17 @@ class Gateway:
 async def test_a_rate_limited_gateway_sees_about_its_rate_not_bursts_over_it(
     autojump_clock: MockClock,
 ) -> None:
-    """After the first 429 the calls are paced at the rate the gateway took, so what
-    it sees, refused calls included, stays near its limit in every second after it,
-    and the refused calls are few."""
+    """Halving at each round of 429s and waiting out Retry-After keep what the gateway
+    sees, refused calls included, near its limit in any second after the first 429,
+    and the refused calls few."""
     throttle = ApiThrottle(32)
     gateway = Gateway(50)
     async with trio.open_nursery() as nursery:
         for _ in range(1500):
             nursery.start_soon(gateway.call, throttle)
     assert len(gateway.admitted) == 1500
-    assert gateway.busiest_second(since=gateway.refused[0]) <= 55
-    assert len(gateway.refused) <= 40  # no storm of retries
-    assert throttle.rate is not None and 40 <= throttle.rate <= 60
-
-
-async def answered_then_limited(throttle: ApiThrottle, n: int) -> None:
-    """n API calls answered within the last second, then an API call's 429."""
-    await calls(throttle, n, hold=0.1)
-    with pytest.raises(RateLimited):
-        await call(throttle, hold=0, fail=limited())
-
-
-async def starts_of(throttle: ApiThrottle, n: int) -> list[float]:
-    """When each of n API calls sent at once got to start."""
-    started: list[float] = []
-
-    async def one() -> None:
-        async with throttle.slot():
-            started.append(trio.current_time())
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(n):
-            nursery.start_soon(one)
-    return started
-
-
-async def test_an_api_429_paces_api_calls_at_the_rate_answered_before_it(
-    autojump_clock: MockClock,
-) -> None:
-    throttle = ApiThrottle(32)
-    await answered_then_limited(throttle, 20)
-    assert throttle.rate == 20 and throttle.stats()["rate_per_s"] == 20
-    started = await starts_of(throttle, 60)
-    assert max(started) - min(started) >= 59 / 21  # 20 a second, 21 at most as it probes
-
-
-async def test_a_file_body_429_does_not_pace_api_calls(autojump_clock: MockClock) -> None:
-    """A body's 429 says the app's budget went on bodies: the few API calls answered
-    around it are no measure of the gateway's rate."""
-    throttle = ApiThrottle(32, start=32)
-    await calls(throttle, 3, hold=0.1)
-    with pytest.raises(RateLimited):
-        async with throttle.passage():
-            raise limited()
-    assert throttle.rate is None
-    started = await starts_of(throttle, 60)
-    assert max(started) - min(started) < 0.01  # all at once, within the bound
-
-
-async def test_the_pace_grows_only_while_it_holds_calls_back(autojump_clock: MockClock) -> None:
-    throttle = ApiThrottle(32)
-    await answered_then_limited(throttle, 20)
-    assert throttle.rate == 20
-    # A few calls now and then (none waiting for the pace) prove nothing.
-    for _ in range(4):
-        await trio.sleep(1.5)
-        await call(throttle, hold=0)
-    assert throttle.rate == 20
-    # Calls held back by the pace for a few seconds: one more a second.
-    await calls(throttle, 100, hold=0)
-    assert 20 < throttle.rate <= 26
-
-
-async def test_the_pace_is_forgotten_after_a_quiet_spell(autojump_clock: MockClock) -> None:
-    throttle = ApiThrottle(32, start=32)
-    await answered_then_limited(throttle, 5)
-    assert throttle.rate == 5
-    await trio.sleep(QUIET)  # no 429 for that long
-    started = await starts_of(throttle, 30)
-    assert max(started) - min(started) < 0.01  # not five a second any more
-    assert throttle.rate is None
-    # A new 429 learns afresh from what was answered in the second before it.
-    await trio.sleep(1)
-    await answered_then_limited(throttle, 30)
-    assert throttle.rate == 30
-
-
-async def test_a_round_of_429s_at_a_pace_takes_a_tenth_off(autojump_clock: MockClock) -> None:
-    throttle = ApiThrottle(32)
-    await answered_then_limited(throttle, 20)
-    await calls(throttle, 4, hold=1, fail=limited())  # sent before any answer: one cut
-    assert throttle.rate == 18
+    assert gateway.busiest_second(since=gateway.refused[0] + 2) <= 55
+    assert len(gateway.refused) < 150  # no storm of retries
 
 
 async def test_it_grows_back_while_calls_succeed_up_to_the_ceiling(
@@ -335,6 +257,145 @@ async def test_a_call_cancelled_during_retry_after_gives_its_slot_back(
         await call(throttle, hold=0)  # the slot is there to take
 
 
+# -- calls someone waits for, and calls made ahead (priority.py) ------------------------
+
+
+async def ahead_call(throttle: ApiThrottle, token: Ahead | None = None, **kw: object) -> None:
+    """A call made on speculation (a walk's read-ahead, a size fetched ahead)."""
+    with speculative(token):
+        await call(throttle, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_call_someone_waits_for_takes_the_next_slot_before_those_made_ahead(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(2, start=2)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for me in range(10):  # the bound full of read-ahead, and more of it queued
+            nursery.start_soon(functools.partial(ahead_call, throttle, log=order, me=me))
+            await trio.sleep(0.01)
+        assert throttle.stats()["waiting_ahead"] == 8
+        for me in (100, 101):  # a user's calls, one after the other
+            nursery.start_soon(functools.partial(call, throttle, log=order, me=me))
+            await trio.sleep(0.01)
+    # They take the next two slots; within each class, arrival order; every call made
+    # ahead still ends.
+    assert order == [0, 1, 100, 101, *range(2, 10)]
+    assert throttle.in_use == 0 and throttle.stats()["waiting"] == 0
+
+
+async def test_calls_made_ahead_run_whenever_no_one_waits(autojump_clock: MockClock) -> None:
+    """A user who keeps the bound busy part of the time does not starve the read-ahead:
+    it takes every slot no waiting call wants."""
+    throttle = ApiThrottle(1, start=1)
+    order: list[int] = []
+
+    async def user() -> None:
+        for me in range(100, 110):  # one call at a time, with a pause between
+            await call(throttle, log=order, me=me)
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(user)
+        await trio.sleep(0.01)
+        for me in range(6):
+            nursery.start_soon(functools.partial(ahead_call, throttle, log=order, me=me))
+            await trio.sleep(0.01)  # they arrive in this order
+    # Each pause of the user's lets one call made ahead in; the user's next call
+    # waits for that one alone.
+    assert order == [100, 0, 101, 1, 102, 2, 103, 3, 104, 4, 105, 5, *range(106, 110)]
+
+
+async def test_a_call_made_ahead_that_someone_comes_to_wait_for_is_hurried(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(1, start=1)
+    order: list[int] = []
+    wanted = Ahead()
+    async with trio.open_nursery() as nursery:
+        for me in range(5):
+            token = wanted if me == 3 else None
+            nursery.start_soon(functools.partial(ahead_call, throttle, token, log=order, me=me))
+            await trio.sleep(0.01)
+        needed(wanted)  # a user (this task) waits for the listing call 3 makes
+        with speculative():
+            needed(Ahead())  # read-ahead waiting on read-ahead hurries nothing
+    assert order == [0, 3, 1, 2, 4]
+    assert wanted.hurried and not wanted._parked
+
+
+async def test_a_cancelled_call_made_ahead_leaves_nothing_behind(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(1, start=1)
+    order: list[int] = []
+    token = Ahead()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: call(throttle, hold=5, log=order, me=0))
+        await trio.sleep(0.01)
+        with trio.move_on_after(1):  # gives up while queued
+            await ahead_call(throttle, token, log=order, me=1)
+        assert not token._parked and throttle.stats()["waiting"] == 0
+        token.hurry()  # nothing to move
+        nursery.start_soon(functools.partial(ahead_call, throttle, log=order, me=2))
+    assert order == [0, 2]
+    assert throttle.in_use == 0
+
+
+async def test_a_call_cancelled_as_its_slot_came_gives_it_back(
+    autojump_clock: MockClock,
+) -> None:
+    throttle = ApiThrottle(1, start=1)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def waiter() -> None:
+            with scope:
+                await ahead_call(throttle, log=order, me=1)
+
+        async with throttle.slot():
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert throttle.stats()["waiting_ahead"] == 1
+        scope.cancel()  # the slot was handed on a moment ago: it comes back
+    assert throttle.in_use == 0
+    with trio.fail_after(1):
+        await call(throttle, hold=0)
+
+
+async def test_the_bound_on_sizes_serves_the_waited_for_first() -> None:
+    limiter = PriorityLimiter(1)
+    order: list[int] = []
+    scope = trio.CancelScope()
+
+    async def hold(me: int, *, ahead: bool) -> None:
+        with under(Ahead() if ahead else None):
+            async with limiter:
+                order.append(me)
+                await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        await limiter.acquire()
+        for me in range(3):
+            nursery.start_soon(functools.partial(hold, me, ahead=True))
+            await trio.testing.wait_all_tasks_blocked()
+        async def gives_up() -> None:
+            with scope:
+                await hold(9, ahead=False)
+
+        nursery.start_soon(gives_up)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()  # it gives up in the queue: nothing is left behind
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(functools.partial(hold, 100, ahead=False))
+        await trio.testing.wait_all_tasks_blocked()
+        limiter.release()
+    assert order == [100, 0, 1, 2]
+    assert limiter.in_use == 0
+
+
 async def test_a_file_body_takes_no_slot_but_heeds_the_gateway(
     autojump_clock: MockClock,
 ) -> None:
@@ -359,12 +420,6 @@ async def test_its_counters_are_exported() -> None:
     assert got["enosfs_api_concurrency_limit"] == [((), START)]
     assert got["enosfs_rate_limited"] == [((), 5)]
     assert got["enosfs_throttled_waits"] == [((), 7)]
-    assert got["enosfs_api_pace_per_second"] == []  # no pace: no sample
-    throttle.rate = 48.0
-    doc = {"throttle": throttle.stats()}
-    assert [samples(m, doc) for m in METRICS if m.name == "enosfs_api_pace_per_second"] == [
-        [((), 48.0)]
-    ]
 
 
 def test_a_rate_limit_envelope_is_rate_limiting_whatever_its_status() -> None:
@@ -455,13 +510,13 @@ async def test_a_burst_over_the_rate_limit_completes_and_comes_down(
     assert errors == []
     assert seen["devices.get"] - seen.get("ratelimit.429", 0) == 200
     throttle = client.throttle.stats()
-    # The bound came down from the most it reached, and calls were paced after.
+    # The bound came down from the most it reached.
     assert throttle["decreases"] >= 1 and throttle["limit"] < highest
-    assert throttle["rate_per_s"] is not None
     assert throttle["rate_limited"] == seen["ratelimit.429"]
-    # The bound and Retry-After keep the calls near the allowed rate: a few 429s per
-    # second of the burst, not one per call.
-    assert seen["ratelimit.429"] <= 200 // 4
+    # The bound and Retry-After keep the calls near the allowed rate: a few rounds of
+    # 429s in the burst, not one per call (with the ceiling at 64, its first round
+    # alone may meet a dozen or more; measured 53-73 here).
+    assert seen["ratelimit.429"] <= 200 // 2
 
 
 @pytest.mark.mount

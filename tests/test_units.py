@@ -382,6 +382,39 @@ def test_readahead_grows_while_sequential_and_stops_on_jump() -> None:
     assert ra.window == 0 and not ra.sequential
 
 
+def test_readahead_keeps_its_window_full_a_request_at_a_time() -> None:
+    """Once open, the window is topped up as the reader moves, in requests of an eighth
+    of it: never less than a request unless at the end of the file, and what is asked
+    for reaches at least a request short of a whole window ahead after every read."""
+    ra = ReadAhead(initial=1 * MiB, maximum=64 * MiB)
+    size = 300 * MiB
+    step = 128 * 1024
+    ahead_to, lengths = 0, []
+    for off in range(0, size, step):
+        got = ra.on_read(off, step, size)
+        if got is not None:
+            assert got[0] == max(off + step, ahead_to)  # contiguous, nothing asked twice
+            assert got[1] - got[0] >= ra.request or got[1] == size
+            ahead_to = got[1]
+            lengths.append(got[1] - got[0])
+        if off >= 40 * MiB and off + step + ra.window < size:
+            assert ra.window == 64 * MiB and ra.request == 8 * MiB
+            assert ahead_to >= off + step + ra.window - ra.request
+    assert ahead_to == size
+    assert lengths.count(8 * MiB) >= 20  # the steady state: one request at a time
+
+
+def test_readahead_asks_again_for_what_the_budget_clipped() -> None:
+    ra = ReadAhead(initial=1 * MiB, maximum=8 * MiB)
+    size = 100 * MiB
+    step = 128 * 1024
+    first = ra.on_read(0, step, size)
+    assert first == (step, step + 1 * MiB)
+    ra.clipped(step)  # nothing of it could be fetched
+    got = ra.on_read(step, step, size)
+    assert got is not None and got[0] == 2 * step
+
+
 def test_readahead_starts_at_once_for_large_reads() -> None:
     """A 128 KiB kernel read means the application asked for more: fetch ahead now,
     even after a jump (random 1 MiB reads arrive as runs of 128 KiB reads)."""
@@ -441,28 +474,48 @@ def test_readahead_says_before_a_read_whether_it_is_random() -> None:
 # -- link speed ------------------------------------------------------------------------
 
 
-def test_link_speed_sizes_a_random_fetch_by_bandwidth_times_round_trip() -> None:
-    piece = 64 * 1024
+def test_link_speed_sizes_a_random_fetch_by_a_share_of_the_round_trip() -> None:
+    """A miss fetches what the link brings in a sixteenth of its round trip (at most
+    5 ms of it): whole pages below a piece, whole pieces from one on."""
+    piece, page = 64 * 1024, 4096
     link = LinkSpeed(piece, 1 * MiB, 2 * piece)
     assert link.span() == 2 * piece  # nothing measured yet
     link.first_byte(0.040)
     assert link.span() == 2 * piece  # a round trip, but no speed yet
-    link.body(2_000_000, 1.0)  # a thin link: 80 kB in a round trip
-    assert link.span() == piece
+    link.body(2_000_000, 1.0)  # a thin link: 2.5 ms bring 5000 bytes, one whole page
+    assert link.span() == page
     for _ in range(16):
-        link.body(25_000_000, 1.0)  # a fast one: 1 MB, rounded down to whole pieces
-    assert link.span() == 15 * piece
+        link.body(25_000_000, 1.0)  # 62_500 bytes: whole pages below a piece
+    assert link.span() == 15 * page
     link.body(5 * piece, 0.001)  # too short to time: says nothing
     assert link.bandwidth == 25_000_000
     for _ in range(16):
-        link.body(100_000_000, 1.0)
+        link.body(125_000_000, 1.0)  # 312_500 bytes: whole pieces from one on
+    assert link.span() == 4 * piece
+    for _ in range(16):
+        link.body(1_000_000_000, 1.0)
     assert link.span() == 1 * MiB  # never over the limit (a block)
     link.first_byte(0.200)  # a new connection, a retry: the least round trip holds
     assert link.rtt == 0.040
     for _ in range(16):
-        link.first_byte(0.0001)  # loopback
-    assert link.span() == piece  # at least one piece
-    assert link.stats() == {"rtt_ms": 0.1, "bytes_per_s": 100_000_000, "random_fetch_bytes": piece}
+        link.first_byte(0.0001)  # loopback: 6 us bring 6250 bytes
+    assert link.span() == page  # at least a page
+    assert link.stats() == {"rtt_ms": 0.1, "bytes_per_s": 1_000_000_000, "random_fetch_bytes": page}
+
+
+def test_link_speed_spends_at_most_5_ms_on_bytes_beyond_the_read() -> None:
+    """Far away, a sixteenth of the round trip would be long: 5 ms is the most."""
+    link = LinkSpeed(64 * 1024, 1 * MiB, 128 * 1024)
+    link.first_byte(0.200)
+    link.body(2_000_000, 1.0)  # 10_000 bytes in 5 ms (12.5 ms would bring 25_000)
+    assert link.span() == 2 * 4096
+    link.body(25_000_000, 1.0)
+    link.body(25_000_000, 1.0)  # the median: 125_000 bytes in 5 ms, one whole piece
+    assert link.span() == 64 * 1024
+    small_pages = LinkSpeed(64 * 1024, 1 * MiB, 128 * 1024, page=512)
+    small_pages.first_byte(0.200)
+    small_pages.body(2_000_000, 1.0)
+    assert small_pages.span() == 19 * 512  # whole pages, whatever their size
 
 
 # -- emulator pieces ---------------------------------------------------------------------
