@@ -70,6 +70,10 @@ LIVE = 1.0
 # The least time a fetch's first bytes are judged over (Progress.alive).
 FIRST_LOOK = 0.25
 MAX_GOOD_FILES = 4096
+# A block that fails its CRC is fetched again this many times before the read fails:
+# one corrupted body spoils every block it carries (a sequential range is up to 8 MiB),
+# and one more copy alone failed the soak's 20 %-corrupt phase 170-270 times in 20 s.
+MAX_REFETCHES = 3
 SPLIT_ALIGN = 64 * 1024  # a split fetch starts at a multiple of this within the block
 # A random reader's miss fetches whole pieces of this size on a fast link, whole pages
 # on a thin one (linkspeed.py).
@@ -168,7 +172,7 @@ class Flight:
     # reader may have any of them before then.
     hold: bool = False
     feeds: list[Progress] = field(default_factory=list)  # the fetches filling it
-    refetched: bool = False  # fetched again once after failing its check
+    refetches: int = 0  # fetched again after failing its check (MAX_REFETCHES)
 
     def alive(self, now: float, min_speed: int) -> bool:
         """Are bytes for this block coming right now, fast enough to count?"""
@@ -917,9 +921,10 @@ class BlockCache:
                 key = self._disk_key(f, index)
                 if key is not None:
                     self.disk.later(self.nursery, self.disk.discard, [key])
-            if not flight.refetched:
-                # Once more from the network; readers keep waiting (the flight holds).
-                flight.refetched = True
+            if flight.refetches < MAX_REFETCHES:
+                # Again from the network; readers keep waiting (the flight holds), their
+                # deadline bounding how long.
+                flight.refetches += 1
                 flight.spans = []
                 flight.asked = []
                 start = index * self.block_size

@@ -127,13 +127,18 @@ def test_once_a_large_file_matched_every_later_fetch_of_it_is_checked(
             offset = 100 * 1024 * 1024
             assert os.pread(fd, 65536, offset) == blob[offset : offset + 65536]
             assert stats_of(m.path)["cache"]["bad_blocks"] == 1
-            # Bad twice: the read fails rather than serve it.
-            emu.faults({**CORRUPT_ONCE, "times": 2})
+            # Bad three times: fetched again until a good copy comes.
+            emu.faults({**CORRUPT_ONCE, "times": 3})
+            offset = 120 * 1024 * 1024
+            assert os.pread(fd, 65536, offset) == blob[offset : offset + 65536]
+            assert stats_of(m.path)["cache"]["bad_blocks"] == 4
+            # Bad every time (four copies): the read fails rather than serve it.
+            emu.faults({**CORRUPT_ONCE, "times": 4})
             offset = 150 * 1024 * 1024
             with pytest.raises(OSError) as info:
                 os.pread(fd, 65536, offset)
             assert info.value.errno == errno.EIO
-            assert stats_of(m.path)["cache"]["bad_blocks"] == 3
+            assert stats_of(m.path)["cache"]["bad_blocks"] == 8
             time.sleep(1.1)  # past the failure memory
             assert os.pread(fd, 65536, offset) == blob[offset : offset + 65536]
         finally:
