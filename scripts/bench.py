@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from enosfs.emulator import process
 from enosfs.emulator.network import NetworkError, NetworkProfile
 from enosfs.emulator.process import (
     MountFailed,
@@ -54,6 +54,7 @@ from enosfs.emulator.process import (
     wait_mounted,
 )
 from enosfs.emulator.state import generated_bytes
+from enosfs.errors import EnosfsError
 
 MiB = 1024 * 1024
 ORG, APP_KEY, APP_SECRET = "o-bench", "bench-app", "bench-secret"
@@ -560,43 +561,11 @@ class Bench:
 # -- the wide-area table (issue 11) ----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def tinyproxy(work: Path) -> Iterator[tuple[str, Path]]:
-    """tinyproxy from the distribution on a free loopback port: its URL and its log,
-    where every request it forwarded is a line ("Request (...)")."""
-    exe = shutil.which("tinyproxy")
-    if exe is None:
-        raise RuntimeError("tinyproxy is missing (apt-get install tinyproxy)")
-    port, log, conf = free_port(), work / "tinyproxy.log", work / "tinyproxy.conf"
-    conf.write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 120\nMaxClients 64\n"
-        f'LogLevel Connect\nLogFile "{log}"\n'
-    )
-    proc = subprocess.Popen(
-        [exe, "-d", "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("tinyproxy did not start")
-            time.sleep(0.05)
+    """tinyproxy on loopback: its URL and its log (a `Request (...)` line a request)."""
+    with process.tinyproxy(work) as (port, log):
         yield f"http://127.0.0.1:{port}", log
-    finally:
-        stop_process(proc)
 
 
 def proxied(url: str | None) -> dict[str, str | None]:
@@ -985,7 +954,13 @@ class WanBench(Bench):
                 print(f"bench: {key}", flush=True)
                 try:
                     rows[key]()
-                except (subprocess.SubprocessError, OSError, httpx.HTTPError, RuntimeError) as exc:
+                except (
+                    subprocess.SubprocessError,
+                    OSError,
+                    httpx.HTTPError,
+                    RuntimeError,
+                    EnosfsError,
+                ) as exc:
                     # A row that failed says so; the rows after it still run.
                     print(f"bench: {key} failed: {exc}", flush=True)
                     self.results.append(

@@ -8,8 +8,6 @@ import errno
 import json
 import os
 import shutil
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from enosfs.emulator.process import stop_process
+from enosfs.emulator import process
 from enosfs.errors import ConfigError, ProxyAuthError
 from enosfs.proxies import Proxies, Proxy, parse_proxy
 from enosfs.retry import RetryPolicy, retrying
@@ -31,12 +29,10 @@ from tests.support import (
     demo_files,
     emulator,
     enosfs,
-    free_port,
     is_mounted,
     mounted,
     secret_env,
     stats_of,
-    wait_for,
     write_config,
 )
 from tests.test_faults import make_cert
@@ -115,39 +111,15 @@ class Tinyproxy:
         return [ln.split("): ", 1)[1] for ln in text.splitlines() if "Request (" in ln]
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @contextmanager
 def tinyproxy(tmp: Path, user: str | None = None) -> Iterator[Tinyproxy]:
     """tinyproxy on a free loopback port, with its config and log in tmp; with a user,
-    it asks for `user:PROXY_PW`. Ended by its PID."""
-    exe = shutil.which("tinyproxy")
-    if exe is None:
+    it asks for `user:PROXY_PW`."""
+    if shutil.which("tinyproxy") is None:
         pytest.fail("tinyproxy is missing: run scripts/test, which installs it", pytrace=False)
-    port = free_port()
-    log = tmp / "tinyproxy.log"
-    conf = tmp / "tinyproxy.conf"
-    auth = f"BasicAuth {user} {PROXY_PW}\n" if user else ""
-    conf.write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 64\n"
-        f'LogLevel Connect\nLogFile "{log}"\n{auth}'
-    )
-    proc = subprocess.Popen(
-        [exe, "-d", "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: _listening(port) or proc.poll() is not None, "tinyproxy", 30)
-        assert proc.poll() is None, "tinyproxy exited at start"
+    auth = (user, PROXY_PW) if user else None
+    with process.tinyproxy(tmp, basic_auth=auth, timeout=60) as (port, log):
         yield Tinyproxy(port, log)
-    finally:
-        stop_process(proc)
 
 
 @contextmanager

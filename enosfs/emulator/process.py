@@ -12,11 +12,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -94,6 +96,46 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def tinyproxy(
+    work: Path, *, basic_auth: tuple[str, str] | None = None, timeout: int = 120
+) -> Iterator[tuple[int, Path]]:
+    """tinyproxy from the distribution on a free loopback port, its config and log in
+    work: (its port, its log, where each request it forwarded is a `Request (...)` line).
+    With basic_auth (user, password) it asks for them. Ended by its PID."""
+    exe = shutil.which("tinyproxy")
+    if exe is None:
+        raise EnosfsError("tinyproxy is missing (scripts/test and scripts/bench install it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    log, conf = work / "tinyproxy.log", work / "tinyproxy.conf"
+    auth = f"BasicAuth {basic_auth[0]} {basic_auth[1]}\n" if basic_auth else ""
+    conf.write_text(
+        f"Port {port}\nListen 127.0.0.1\nTimeout {timeout}\nMaxClients 64\n"
+        f'LogLevel Connect\nLogFile "{log}"\n{auth}'
+    )
+    proc = subprocess.Popen(
+        [exe, "-d", "-c", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise EnosfsError("tinyproxy did not start")
+            time.sleep(0.05)
+        yield port, log
+    finally:
+        stop_process(proc)
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
