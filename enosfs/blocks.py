@@ -637,17 +637,26 @@ class BlockCache:
         Runs at the start of the next read, when pyfuse3 has sent the previous reply and
         let go of its view. Whatever else still holds a buffer (a memoryview on its way
         to the kernel, a reader woken by its flight, a disk write) raises its reference
-        count above what a lone buffer has here, and such a buffer is left to the
-        garbage collector instead: reusing it could change bytes someone is about to
-        send. That lone count is measured when the module loads (_FREE_REFS), not
-        assumed, since it differs between Python versions.
+        count above what a lone buffer has here, and such a buffer is looked at again at
+        the next read instead (the latest, as many as the free list has room for):
+        reusing it now could change bytes someone is about to send or hash. A whole
+        reading being checked holds the views it was served until its worker thread has
+        hashed them (integrity.py), a few reads later; a buffer left to the garbage
+        collector costs a fresh one, zeroed and faulted in page by page. That lone count
+        is measured when the module loads (_FREE_REFS), not assumed, since it differs
+        between Python versions.
         """
         if not self._released:
             return
+        held: list[bytearray] = []
         for block in self._released:
-            if sys.getrefcount(block) <= _FREE_REFS and len(self._free) < self.free_cap:
+            if sys.getrefcount(block) > _FREE_REFS:
+                held.append(block)
+            elif len(self._free) < self.free_cap:
                 self._free.append(block)
-        self._released.clear()
+        # No more than the free list has room for: with it, within its share of the budget.
+        room = max(0, self.free_cap - len(self._free))
+        self._released = held[max(0, len(held) - room) :]
 
     def _buffer(self, size: int) -> bytearray:
         if size == self.block_size and self._free:
@@ -687,6 +696,10 @@ class BlockCache:
             flight = self.flights[key]
         self.counts["waits"] += 1
         return await flight.wait_for(lo, hi)
+
+    def has_start(self, f: CachedFile) -> bool:
+        """Is f's first block cached, or on its way?"""
+        return f.size == 0 or not self._missing(f, 0) or self._on_disk(f, 0)
 
     def _missing(self, f: CachedFile, index: int) -> bool:
         key = self._key(f, index)

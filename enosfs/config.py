@@ -95,6 +95,7 @@ class Settings:
     metadata_ttl: float = default("metadata_ttl")
     negative_ttl: float = default("negative_ttl")
     read_ahead: int = default("read_ahead")
+    first_bytes: int = default("first_bytes")  # 0: no first bytes at lookup (firstbytes.py)
     cache_dir: str | None = default("cache_dir")  # None: no disk cache
     disk_size: int = default("disk_size")
     min_free: float = default("min_free")

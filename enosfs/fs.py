@@ -21,10 +21,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from enosfs.api import FileMeta
 from enosfs.blocks import FAILURE_MEMORY, BlockCache, CachedFile
 from enosfs.changes import Changes
 from enosfs.config import Settings
 from enosfs.errors import AuthError, DeadlineError, EnosfsError, IntegrityError, errno_of
+from enosfs.firstbytes import FirstBytes
 from enosfs.integrity import Reading
 from enosfs.namespace import ControlFile, Dir, File, Link, Namespace, Node
 from enosfs.quiet import Quieter
@@ -47,6 +49,8 @@ SLOW_READ = 1.0
 MIN_WAIT = 0.25
 # Served bytes not hashed yet; a read waits above this, so hashing keeps up.
 MAX_HASH_BACKLOG = 16 * 1024 * 1024
+# Seconds after a folder was listed during which a lookup in it is the listing's.
+LISTED_LATELY = 5.0
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
@@ -137,8 +141,11 @@ class EnosFS(pyfuse3.Operations):
         cache: BlockCache,
         settings: Settings,
         changes: Changes | None = None,
+        first_bytes: FirstBytes | None = None,
     ) -> None:
         super().__init__()
+        # Where a file named on its own gets its first bytes asked for (firstbytes.py).
+        self.first_bytes = first_bytes
         self.ns = ns
         self.cache = cache
         self.settings = settings
@@ -178,6 +185,9 @@ class EnosFS(pyfuse3.Operations):
         self.page_users: Counter[int] = Counter()
         # Inodes whose kernel pages hold only checked bytes (keep_cache across opens).
         self.clean_pages: set[int] = set()
+        # When each folder was last listed by opendir: lookups in it for a while after
+        # are the listing's, not a file named on its own (_named_alone).
+        self.listed_at: dict[int, float] = {}
 
     def stats(self) -> dict[str, Any]:
         """Its part of /.enosfs/stats: what the kernel asked, and what it was answered."""
@@ -194,6 +204,7 @@ class EnosFS(pyfuse3.Operations):
             },
             "errors": dict(sorted(self.errors.items())),
             "walk_ahead": dict(sorted(self.walk_ahead.counts.items())),
+            "first_bytes": self.first_bytes.stats() if self.first_bytes is not None else {},
         }
 
     # -- attributes ----------------------------------------------------------------------
@@ -277,9 +288,22 @@ class EnosFS(pyfuse3.Operations):
         node = await self.ns.lookup(parent, text)
         if node is None:
             return self._missing()
+        early = self.first_bytes
+        if early is not None and isinstance(node, File) and self._named_alone(node, parent):
+            early.start(node.ref)  # the size and the first bytes at once (firstbytes.py)
         attrs = await self._fresh_attrs(node)
         self.lookups[node.inode] += 1
         return attrs
+
+    def _named_alone(self, f: File, parent: Dir) -> bool:
+        """Is this lookup a file named on its own (to be opened, likely), rather than one
+        of a listing's names (`ls -l`, `find`), or a file whose size, and so whose
+        open, is known already, or whose first block is cached?"""
+        if self.ns.meta_fresh(f):
+            return False
+        if trio.current_time() - self.listed_at.get(parent.inode, float("-inf")) < LISTED_LATELY:
+            return False
+        return f.meta is None or not self.cache.has_start(CachedFile.of(f.ref, f.meta))
 
     def _missing(self) -> pyfuse3.EntryAttributes:
         """ENOENT that the kernel may remember for `negative_ttl` (inode 0 is FUSE's
@@ -306,6 +330,9 @@ class EnosFS(pyfuse3.Operations):
     @guarded("opendir", bounded=False)
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         d = self._dir(inode)
+        now = self.listed_at[inode] = trio.current_time()
+        if len(self.listed_at) > 10_000:
+            self.listed_at = {i: t for i, t in self.listed_at.items() if now - t < LISTED_LATELY}
         self.walk_ahead.visited(d)  # before waiting for this one, so they overlap
         entries = self.ns.listed(d)  # a walk finds most folders listed: no wait
         if entries is None:
@@ -425,19 +452,49 @@ class EnosFS(pyfuse3.Operations):
         index, files = self.ns.siblings(f)
         if index < 0 or f.parent is None:
             return
-        pattern = self.folder_patterns.setdefault(f.parent.inode, FolderReadAhead())
+        pattern = self.folder_patterns.get(f.parent.inode)
+        if pattern is None:
+            size = f.meta.size if f.meta is not None else None
+            pattern = self.folder_patterns[f.parent.inode] = FolderReadAhead.for_files_of(size)
         span = pattern.on_open(index, len(files))
         if span is None:
             return
+        todo = files[span[0] : span[1]]
         budget = self.settings.read_ahead
-        for sibling in files[span[0] : span[1]]:
+        for i, sibling in enumerate(todo):
             meta = sibling.meta
-            if meta is None or meta.size is None or meta.size > self.cache.whole_file_limit:
-                continue
-            if meta.size > budget:
-                break
-            budget -= meta.size
-            self.cache.prefetch(CachedFile.of(sibling.ref, meta), 0, meta.size)
+            if meta is None:
+                # Its size is on its way (the folder's sizing batch, started by the
+                # reader's first stat): fetched when it comes, not passed by for good.
+                self.cache.nursery.start_soon(self._read_ahead_when_sized, todo[i:], budget)
+                return
+            budget = self._read_ahead_one(sibling, meta, budget)
+            if budget < 0:
+                return
+
+    async def _read_ahead_when_sized(self, files: list[File], budget: int) -> None:
+        """The rest of a folder read-ahead whose files' sizes were not known yet: each is
+        awaited in turn (asked, or hurried, as the reader will stat it next) and its
+        bytes fetched; far away, a `cp -r` started cold would otherwise fetch the first
+        hundred files one round trip at a time."""
+        for f in files:
+            try:
+                meta = await self.ns.file_meta(f)
+            except EnosfsError:
+                continue  # the reader's own stat says why
+            budget = self._read_ahead_one(f, meta, budget)
+            if budget < 0:
+                return
+
+    def _read_ahead_one(self, f: File, meta: FileMeta, budget: int) -> int:
+        """Prefetch one small file within what is left of the budget; what is left then
+        (negative: the budget is spent, stop)."""
+        if meta.size is None or meta.size > self.cache.whole_file_limit:
+            return budget
+        if meta.size > budget:
+            return -1
+        self.cache.prefetch(CachedFile.of(f.ref, meta), 0, meta.size)
+        return budget - meta.size
 
     # pyfuse3 replies from any buffer (its stub says bytes): a block's bytes go to the
     # kernel without a copy.

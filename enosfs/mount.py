@@ -58,6 +58,8 @@ FUSE_DEVICE = "/dev/fuse"
 # Idle connections opened to each API host at mount: a file's size and its first bytes,
 # or the first round of a folder's sizes, go at once and find one each.
 WARM_CONNECTIONS = 4
+# Seconds the mount waits at start for the thing models of its devices (see _start).
+MODELS_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,43 @@ class Mount:
         self.parts = Parts(settings, mountpoint)
         self._terminated = False
 
+    async def _start(
+        self,
+        client: EnosClient,
+        tokens: TokenSource,
+        lean: LeanTransport,
+        ns: Namespace,
+        http: httpx.AsyncClient,
+        policy: RetryPolicy,
+    ) -> None:
+        """Token, organisations, and the thing models their devices use, in series (each
+        needs the one before), while idle connections open beside them: far from EnOS,
+        the first file a user opens then pays for no connection, nor for a model its
+        folder's listing would wait for. The models get MODELS_WAIT at most; those not
+        back by then are left to the listings that need them."""
+        s = self.settings
+        hosts = [origin_of(httpx.URL(s.gateway)), origin_of(httpx.URL(s.integration))]
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lean.warm, hosts, WARM_CONNECTIONS)
+            try:
+                await tokens.start()
+                await check_integration(http, s, policy)
+                searched = await check_orgs(client, s)
+                for org_id, devices in searched.items():
+                    ns.catalog.offer_devices(org_id, devices)
+                with trio.move_on_after(MODELS_WAIT):
+                    async with trio.open_nursery() as models:
+                        for org_id, devices in searched.items():
+                            ids = [d.asset_id for d in devices]
+                            models.start_soon(ns.catalog.models_ahead, org_id, ids)
+            except BaseException as exc:
+                # Said as itself, not inside an exception group; connections stop opening.
+                failure = exc
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         s = self.settings
         p = self.parts
@@ -369,8 +408,6 @@ class Mount:
                 policy=policy,
                 secret_file=s.app_secret_file,
             )
-            await p.tokens.start()
-            await check_integration(http, s, policy)
             p.client = EnosClient(
                 http,
                 p.tokens,
@@ -380,12 +417,13 @@ class Mount:
                 lean=lean,
                 max_api_concurrency=s.max_api_concurrency,
             )
-            searched = await check_orgs(p.client, s)
+            ns = Namespace(p.client, s)
+            await self._start(p.client, p.tokens, lean, ns, http, policy)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(p.tokens.run)
-                # Idle connections for the first requests that go at once (transport.py).
-                hosts = [origin_of(httpx.URL(s.gateway)), origin_of(httpx.URL(s.integration))]
-                nursery.start_soon(lean.warm, hosts, WARM_CONNECTIONS)
+                if s.first_bytes > 0:  # sent at lookup (firstbytes.py)
+                    p.client.first_bytes.size = s.first_bytes
+                    p.client.first_bytes.nursery = nursery
                 p.cache = BlockCache(
                     p.client,
                     nursery,
@@ -397,13 +435,8 @@ class Mount:
                 )
                 # Downloads and listings report changes here; it drops what they void.
                 changes = Changes(nursery)
-                ns = Namespace(p.client, s)
                 # Listings and sizing batches outlive a caller that gives up at its deadline.
                 ns.nursery = nursery
-                for org_id, devices in searched.items():
-                    ns.catalog.offer_devices(org_id, devices)
-                    ids = [d.asset_id for d in devices]
-                    nursery.start_soon(ns.catalog.models_ahead, org_id, ids)
                 if store is not None:
                     ns.catalog.store = store
                     nursery.start_soon(store.run)
@@ -421,7 +454,7 @@ class Mount:
                         CONTROL_FILE: control.advert,
                     }
                 )
-                p.fs = EnosFS(ns, p.cache, s, changes)
+                p.fs = EnosFS(ns, p.cache, s, changes, p.client.first_bytes)
                 if self.metrics_addr is not None:
                     token = trio.lowlevel.current_trio_token()
                     serve_metrics(

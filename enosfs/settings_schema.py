@@ -149,6 +149,14 @@ SCHEMA: tuple[Setting, ...] = (
         option="read_ahead",
     ),
     Setting(
+        "cache.first_bytes",
+        "first_bytes",
+        Kind.SIZE,
+        "128KiB",
+        "asked for beside the size of a file named on its own, for its first read (0: never)",
+        option="first_bytes",
+    ),
+    Setting(
         "cache.dir",
         "cache_dir",
         Kind.FOLDER,

@@ -105,6 +105,17 @@ class ApiThrottle:
             self._told_to_slow_down(started, exc.retry_after)
             raise
 
+    def next_round(self, joining: int = 0) -> int:
+        """Calls that may be in flight one round from now, counting those waiting and
+        `joining` more about to ask: what to have connections ready for. In slow start
+        the bound doubles in a round (each answer while full adds one); after a cut it
+        grows by one."""
+        waiting = len(self._lanes) + joining
+        if not waiting:
+            return self.in_use
+        grown = self.limit + (self.limit if not self.decreases else 1)
+        return min(self.in_use + waiting, grown, self.ceiling)
+
     # -- the bound -----------------------------------------------------------------------
 
     async def _acquire(self) -> tuple[int, int]:

@@ -37,6 +37,7 @@ import httpx
 import trio
 
 from enosfs.connection import Connection, PlainConnection, ProtocolViolation, TlsConnection
+from enosfs.priority import urgent
 from enosfs.proxies import Proxies, Proxy, ProxyAuthRequired
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024
 HEAD_READ = 4096
 READ_SIZE = 1024 * 1024
-MAX_IDLE_PER_ORIGIN = 32
 IDLE_EXPIRY = 15.0  # seconds an idle connection is trusted to still be open
 # Trusted this much less than a server's own `Keep-Alive: timeout=N`: the request that
 # takes it must reach the server before the server lets it go.
@@ -52,6 +52,11 @@ KEEP_ALIVE_MARGIN = 1.0
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*(\d+)", re.IGNORECASE)
 # Connections that file bodies never take, kept for API calls and token renewals.
 RESERVED_FOR_CALLS = 4
+# Idle connections a call made ahead of need leaves for one somebody waits for: a
+# folder's 499 other sizes, asked the moment its first is, would otherwise take every
+# idle connection as it frees, and the open's download would pay for a new one (a
+# round trip far away, two with TLS) while the sizes it does not need go first.
+KEPT_FOR_NOW = 2
 
 Origin = tuple[str, str, int]
 Headers = list[tuple[bytes, bytes]]
@@ -146,6 +151,7 @@ class _Body(httpx.AsyncByteStream):
                 await self.conn.close()
         finally:
             self.transport.give_slot(self.bulk)
+            self.transport._call_done(self.conn.origin, self.bulk)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -175,6 +181,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         # Seconds each origin says it keeps an idle connection (Keep-Alive: timeout=N).
         self.keep_alive: dict[Origin, float] = {}
         self.counts: Counter[str] = Counter()
+        self._opening: Counter[Origin] = Counter()  # connections opened ahead, on their way
+        self._calls: Counter[Origin] = Counter()  # API requests under way, each on a connection
         # One slot per connection in use; a response body holds its slot until closed.
         # A file body streams for as long as its reader takes, an API call or a token
         # renewal for a round trip: bodies also hold a slot of their own, of which
@@ -240,23 +248,26 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     def release(self, conn: Connection) -> None:
         idle = self.idle[conn.origin]
-        if len(idle) < MAX_IDLE_PER_ORIGIN:
+        # As many as may be in use at once: a burst wider than what is kept idle
+        # (a folder's read-ahead, a round of sizes) closes connections the next burst
+        # opens again, a round trip each far away.
+        if len(idle) < self.max_connections:
             conn.idle_since = trio.current_time()
             idle.append(conn)
         else:
             trio.lowlevel.spawn_system_task(conn.close)
 
-    def _pooled(self, origin: Origin) -> Connection | None:
+    def _pooled(self, origin: Origin, keep: int = 0) -> Connection | None:
         """The most recently used idle connection, if any is young enough to trust:
         servers close idle connections after some seconds (nginx 75, uvicorn 5, many
         gateways 15), and a dead one costs a failed attempt. How long is what the
         server said in its Keep-Alive header, where it did; IDLE_EXPIRY otherwise. A
         connection dropped for nothing costs the next request a new one: a round trip
-        far away, two with TLS."""
+        far away, two with TLS. The last `keep` idle ones are passed by."""
         idle = self.idle[origin]
         now = trio.current_time()
         trusted = self.idle_expiry(origin)
-        while idle:
+        while len(idle) > keep:
             conn = idle.pop()
             if now - conn.idle_since < trusted:
                 return conn
@@ -267,6 +278,28 @@ class LeanTransport(httpx.AsyncBaseTransport):
         """Seconds an idle connection to origin is trusted to be still open."""
         said = self.keep_alive.get(origin)
         return IDLE_EXPIRY if said is None else max(0.0, said - KEEP_ALIVE_MARGIN)
+
+    def open_ahead(self, origin: Origin, count: int) -> None:
+        """See that `count` API calls to origin will find a connection: those under way
+        hold one, and idle ones and ones on their way count too; the rest are opened in
+        the background. For calls queued behind a bound that grows each round
+        (throttle.py): opened now, while this round's answers travel, they are ready
+        when the next round goes; opened by the calls themselves, every round of the
+        bound's growth would cost a connection's round trip more."""
+        have = len(self.idle[origin]) + self._opening[origin] + self._calls[origin]
+        for _ in range(min(count, self.max_connections) - have):
+            self._opening[origin] += 1
+            trio.lowlevel.spawn_system_task(self._open_spare, origin)
+
+    async def _open_spare(self, origin: Origin) -> None:
+        try:
+            conn = await self._connect(origin, self.proxies.for_origin(*origin))
+        except Exception as exc:  # left to the request that needs one, which says why
+            log.debug("no connection opened ahead to %s: %s", origin[1], exc)
+            return
+        finally:
+            self._opening[origin] -= 1
+        self.release(conn)
 
     async def warm(self, origins: list[Origin], count: int) -> None:
         """Open connections to each origin until `count` wait idle, all at once: the
@@ -377,12 +410,20 @@ class LeanTransport(httpx.AsyncBaseTransport):
             target = _absolute(origin, target)
             if proxy.authorization is not None:
                 headers = [*headers, (b"Proxy-Authorization", proxy.authorization)]
-        await self.take_slot(bulk)
+        if not bulk:
+            self._calls[origin] += 1  # until its body is closed (see open_ahead)
+        try:
+            await self.take_slot(bulk)
+        except BaseException:
+            self._call_done(origin, bulk)
+            raise
         try:
             # A pooled connection the server has since closed fails at once: try anew.
             for attempt in range(2):
                 # The second attempt is on a new connection, never another pooled one.
-                conn = self._pooled(origin) if attempt == 0 else None
+                conn = None
+                if attempt == 0:
+                    conn = self._pooled(origin, keep=0 if urgent() else KEPT_FOR_NOW)
                 fresh = conn is None
                 if conn is None:
                     conn = await self._connect(origin, proxy)
@@ -403,7 +444,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise AssertionError("unreachable")
         except BaseException:
             self.give_slot(bulk)
+            self._call_done(origin, bulk)
             raise
+
+    def _call_done(self, origin: Origin, bulk: bool) -> None:
+        if not bulk:
+            self._calls[origin] -= 1
 
     async def _exchange(
         self,

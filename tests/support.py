@@ -254,6 +254,14 @@ def wait_for(condition: Callable[[], T], what: str, timeout: float = 30.0) -> T:
     return value
 
 
+def known(path: Path) -> os.stat_result:
+    """path's size known to the mount as `ls -l` learns it, a listing of its folder and
+    then its stat, with nothing of it downloaded yet: a stat by name alone also asks
+    for the file's first bytes, which a later read would take (firstbytes.py)."""
+    os.listdir(path.parent)
+    return path.stat()
+
+
 def stats_of(mountpoint: Path) -> dict[str, Any]:
     """The mount's /.enosfs/stats."""
     return dict(json.loads((mountpoint / ".enosfs" / "stats").read_bytes()))

@@ -208,6 +208,27 @@ async def test_a_sequential_readers_reads_finishing_out_of_order_fetch_blocks_on
         assert len(cache.lru) == 0
 
 
+async def test_buffers_a_reader_still_holds_are_reused_once_let_go_never_before(
+    fake: FakeSource, big_data: bytes
+) -> None:
+    """A whole reading being checked holds the views it was served until its thread
+    has hashed them, a few reads later (integrity.py). The buffers of the blocks it read
+    through are reused once those views are let go, rather than left for fresh ones;
+    while a view is held, its bytes never change."""
+    async with cache_on(fake, block_size=1 * MiB, budget=64 * MiB) as cache:
+        f, want = await big_file(fake, big_data)
+        held: list[tuple[int, bytes | memoryview]] = []
+        for off in range(0, 24 * MiB, MiB):
+            held.append((off, await cache.read(f, off, MiB, consume=True)))
+            for at, view in held:
+                assert view == want[at : at + MiB]
+            if len(held) > 4:
+                del held[0]  # hashed: let go
+        assert isinstance(held[0][1], memoryview)  # a view of the block, not a copy
+        # Blocks 0..18 were let go, each before the read of a block 5 further on.
+        assert cache.counts["reused_buffers"] >= 24 - 6
+
+
 async def test_read_ahead_ranges_stay_within_the_read_ahead_budget(
     autojump_clock: MockClock, big_data: bytes
 ) -> None:

@@ -23,6 +23,7 @@ from tests.support import (
     enosfs,
     free_port,
     is_mounted,
+    known,
     md5,
     mounted,
     run,
@@ -102,7 +103,7 @@ def test_server_errors_are_retried(emu: Emulator, work: Path, status: int) -> No
 def test_429_waits_as_long_as_retry_after_says(emu: Emulator, work: Path) -> None:
     uri = demo_files(emu)[CSV]
     with mounted(work, emu, '[network]\ntimeout = "5s"\n') as m:
-        (m.org / CSV).stat()
+        known(m.org / CSV)
         emu.faults(
             {"kind": "error", "status": 429, "seconds": 1.5, "times": 1, "match": "files.download"}
         )
@@ -153,7 +154,7 @@ def test_a_body_cut_every_time_is_eio_never_short_data(emu: Emulator, work: Path
 def test_a_stalled_body_is_abandoned_and_resumed(emu: Emulator, work: Path) -> None:
     uri = demo_files(emu)[CSV]
     with mounted(work, emu, FAST) as m:
-        (m.org / CSV).stat()
+        known(m.org / CSV)
         emu.faults(
             {"kind": "stall", "after": 10_000, "seconds": 30, "times": 1, "match": "files.download"}
         )
@@ -196,7 +197,7 @@ def test_an_error_envelope_is_never_served_as_content(
 ) -> None:
     with mounted(work, emu, FAST) as m:
         path = m.org / "WTG-001/feature/model_file.json"
-        path.stat()
+        known(path)
         emu.faults({"kind": "envelope", "status": status, "code": code, "match": "files.download"})
         start = time.monotonic()
         assert errno_of_read(path) in want

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Emulator, demo_files, md5, mounted, run, stats_of
+from tests.support import Emulator, demo_files, known, md5, mounted, run, stats_of
 
 pytestmark = pytest.mark.mount
 
@@ -97,7 +97,7 @@ def test_bad_bytes_from_a_partial_read_are_caught_by_the_next_whole_read(
 ) -> None:
     want = emu.blobs()[demo_files(emu)[BIG]]["md5"]
     with mounted(work, emu) as m:
-        (m.org / BIG).stat()
+        known(m.org / BIG)
         emu.faults(CORRUPT_ONCE)
         # A partial read cannot be checked: its bad bytes stay in the memory cache (a
         # second open file keeps a lone reader from letting its blocks go) and in the

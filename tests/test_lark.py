@@ -18,7 +18,7 @@ from enosfs.api import _object_store_detail
 from enosfs.emulator.demo import LARK_SIZE, LARK_URI
 from enosfs.errors import NotFound, ProtocolError
 from enosfs.signedurls import DEFAULT_LIFETIME, SignedUrls, lifetime_of, parse_signed, shown_url
-from tests.support import Emulator, Mount, demo_files, mounted
+from tests.support import Emulator, Mount, demo_files, known, mounted
 
 LARK = "WTG-003/feature/blade_scan.dat"
 # Small blocks and read-ahead: a read of the file is many requests, spread over time.
@@ -242,7 +242,7 @@ def test_read_across_url_expiry(emu: Emulator, work: Path) -> None:
 def test_read_across_a_refused_url(emu: Emulator, work: Path, fault: dict[str, object]) -> None:
     want = lark_bytes(emu)
     with mounted(work, emu, SMALL) as m:
-        (m.org / LARK).stat()
+        known(m.org / LARK)
         emu.reset_stats()
         emu.faults(fault)
         assert (m.org / LARK).read_bytes() == want

@@ -26,6 +26,7 @@ from tests.support import (
     enosfs,
     free_port,
     is_mounted,
+    known,
     md5,
     mounted,
     run,
@@ -174,7 +175,7 @@ def test_the_disk_cache_stays_within_its_size(emu: Emulator, work: Path) -> None
 @pytest.mark.mount
 def test_a_small_file_with_wrong_bytes_is_eio_never_served(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
-        (m.org / CSV).stat()
+        known(m.org / CSV)
         emu.faults({"kind": "corrupt", "after": 1234, "match": "files.download"})
         with pytest.raises(OSError) as info:
             (m.org / CSV).read_bytes()
@@ -233,6 +234,7 @@ def test_getfattr_tells_where_a_file_came_from(emu: Emulator, work: Path) -> Non
 def test_stats_move_as_reads_happen(emu: Emulator, work: Path) -> None:
     with mounted(work, emu) as m:
         assert sorted(os.listdir(m.path / ".enosfs")) == ["config", "control", "stats", "version"]
+        known(m.org / CSV)  # read as a listed file: its download is a files.download
         before = stats_of(m.path)
         (m.org / CSV).read_bytes()
         after = stats_of(m.path)
@@ -280,6 +282,7 @@ def test_enosfs_stats_command(emu: Emulator, work: Path) -> None:
 def test_prometheus_metrics_and_json_logs(emu: Emulator, work: Path) -> None:
     port = free_port()
     with mounted(work, emu, "", "--metrics-addr", f"127.0.0.1:{port}", "--log-format", "json") as m:
+        known(m.org / CSV)  # read as a listed file: its download is a files.download
         (m.org / CSV).read_bytes()
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert 'enosfs_requests_total{kind="files.download"}' in text

@@ -194,6 +194,36 @@ async def test_an_error_envelope_is_an_answer_and_a_timeout_is_not(
     assert throttle.limit == 4 and throttle.decreases == 0
 
 
+async def in_a_round(throttle: ApiThrottle, n: int) -> tuple[int, int]:
+    """n calls at once; (in flight, next_round()) once every one is sent or queued."""
+    seen: list[tuple[int, int]] = []
+
+    async def watch() -> None:
+        await trio.sleep(0.5)
+        seen.append((throttle.in_use, throttle.next_round()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        for _ in range(n):
+            nursery.start_soon(call, throttle)
+    return seen[0]
+
+
+async def test_next_round_counts_what_the_bound_lets_go_next(autojump_clock: MockClock) -> None:
+    """What connections to have ready: the calls in flight and those waiting, as many as
+    the bound will allow a round from now (doubled in slow start, one more after a cut,
+    never past the ceiling)."""
+    assert await in_a_round(ApiThrottle(40, start=8), 30) == (8, 16)
+    assert await in_a_round(ApiThrottle(12, start=8), 30) == (8, 12)  # the ceiling
+    assert await in_a_round(ApiThrottle(40, start=8), 10) == (8, 10)  # all there is
+    assert await in_a_round(ApiThrottle(40, start=8), 5) == (5, 5)  # none waits
+    throttle = ApiThrottle(40, start=8)
+    with pytest.raises(RateLimited):
+        await call(throttle, hold=0, fail=limited())
+    assert await in_a_round(throttle, 30) == (4, 5)  # after a cut: one more
+    assert throttle.next_round() == 0
+
+
 async def test_calls_one_after_another_do_not_grow_it(autojump_clock: MockClock) -> None:
     """A bound never filled says nothing of how many calls at once the gateway takes."""
     throttle = ApiThrottle(32, start=4)

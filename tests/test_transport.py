@@ -18,8 +18,10 @@ import trio
 from trio.testing import MockClock
 
 from enosfs.errors import DeadlineError, ProtocolError
+from enosfs.priority import speculative
 from enosfs.retry import RetryPolicy, as_enosfs_error, retrying
-from enosfs.transport import IDLE_EXPIRY, LeanTransport, _request
+from enosfs.transport import IDLE_EXPIRY, KEPT_FOR_NOW, LeanTransport, _request
+from tests.support import free_port
 from tests.test_faults import make_cert
 
 BODY = bytes(range(256)) * 4000  # ~1 MB
@@ -171,6 +173,77 @@ async def test_connections_opened_ahead_serve_the_first_requests_at_once() -> No
         assert lean.connects == 3 and len(conns) == 3
 
 
+async def test_connections_asked_ahead_open_in_the_background_and_serve_later_calls() -> None:
+    """open_ahead: connections for the next round of calls, opened while this one is
+    under way; asked again, it counts those idle and on their way, not only the idle."""
+    lean = LeanTransport()
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=lean) as c:
+        origin = ("http", "127.0.0.1", port)
+        lean.open_ahead(origin, 4)
+        lean.open_ahead(origin, 4)  # four on their way already
+        lean.open_ahead(origin, 2)
+        with trio.fail_after(10):
+            while len(lean.idle[origin]) < 4:
+                await trio.sleep(0.01)
+        assert lean.connects == 4
+        got: list[bytes] = []
+
+        async def get() -> None:
+            got.append((await c.get(f"http://127.0.0.1:{port}/early")).content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(get)
+        assert got == [b"hello"] * 4
+        assert lean.connects == 4 and len(conns) == 4
+        # Nothing listens here: what cannot be opened is left to the call that needs it.
+        nowhere = ("http", "127.0.0.1", free_port())
+        lean.open_ahead(nowhere, 2)
+        with trio.fail_after(10):
+            while lean._opening[nowhere]:
+                await trio.sleep(0.01)
+        assert not lean.idle[nowhere]
+
+
+async def test_calls_under_way_count_as_connections_had() -> None:
+    """Two calls waiting for their answers hold a connection each: connections for three
+    calls are then one more, not three."""
+    go = trio.Event()
+
+    async def slow(stream: trio.abc.Stream, head: bytes) -> None:
+        await go.wait()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    lean = LeanTransport()
+    async with raw_server(answer=slow) as (port, conns), httpx.AsyncClient(transport=lean) as c:
+        origin = ("http", "127.0.0.1", port)
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(c.get, f"http://127.0.0.1:{port}/slow")
+            with trio.fail_after(10):
+                while len(conns) < 2:
+                    await trio.sleep(0.01)
+            lean.open_ahead(origin, 3)
+            with trio.fail_after(10):
+                while lean._opening[origin]:
+                    await trio.sleep(0.01)
+            assert lean.connects == 3 and len(lean.idle[origin]) == 1
+            go.set()
+        assert len(lean.idle[origin]) == 3 and lean._calls[origin] == 0
+
+
+async def test_a_burst_as_wide_as_the_pool_keeps_its_connections() -> None:
+    """Every connection a burst used waits idle for the next one: a pool that kept
+    fewer would open them again, a round trip each far away."""
+    lean = LeanTransport(max_connections=40)
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=lean) as c:
+        for _ in range(2):
+            async with trio.open_nursery() as nursery:
+                for _ in range(40):
+                    nursery.start_soon(c.get, f"http://127.0.0.1:{port}/early")
+        assert lean.connects == 40 and len(conns) == 40
+
+
 def test_a_header_value_that_cannot_be_sent_is_never_shown() -> None:
     """h11's own complaint repeats the value, which may be the access token."""
     with pytest.raises(httpx.LocalProtocolError) as info:
@@ -281,3 +354,21 @@ async def test_tls_bodies_are_decrypted_into_the_callers_buffer(tmp_path: Path) 
         async with httpx.AsyncClient(transport=LeanTransport()) as c:
             with pytest.raises(httpx.ConnectError, match="certificate"):
                 await c.get(f"{base}/plain")
+
+
+async def test_calls_made_ahead_leave_the_last_idle_connections_to_awaited_ones() -> None:
+    """A folder's sizes asked ahead of need must not take the idle connection the
+    open's download then needs: far away a new one costs it a round trip."""
+    lean = LeanTransport()
+    async with raw_server() as (port, conns), httpx.AsyncClient(transport=lean) as c:
+        origin = ("http", "127.0.0.1", port)
+        url = f"http://127.0.0.1:{port}/early"
+        await lean.warm([origin], KEPT_FOR_NOW)
+        with speculative():
+            assert (await c.get(url)).content == b"hello"
+        assert lean.connects == KEPT_FOR_NOW + 1  # its own; the idle ones left alone
+        assert len(lean.idle[origin]) == KEPT_FOR_NOW + 1
+        with speculative():  # more idle than are kept: it takes one
+            assert (await c.get(url)).content == b"hello"
+        assert (await c.get(url)).content == b"hello"  # awaited: takes any idle one
+        assert lean.connects == KEPT_FOR_NOW + 1 and len(conns) == KEPT_FOR_NOW + 1

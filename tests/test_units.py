@@ -44,7 +44,7 @@ from enosfs.naming import (
     uri_extension,
     uri_id,
 )
-from enosfs.readahead import MiB, ReadAhead
+from enosfs.readahead import FolderReadAhead, MiB, ReadAhead
 from enosfs.signature import token_signature
 
 # -- signature ---------------------------------------------------------------------------
@@ -643,3 +643,21 @@ def test_young_collections_are_spaced_for_a_big_tree() -> None:
         assert gc.get_threshold() == (heap.YOUNG, before[1], before[2])
     finally:
         gc.set_threshold(*before)
+
+
+def test_a_folder_read_ahead_starts_near_a_megabyte_of_files() -> None:
+    """Sixteen 64 KiB files, not four; never fewer than four big ones; and once the
+    pattern holds, up to 128 files ahead (what a fast link brings in a round trip, and
+    half as much again)."""
+    assert FolderReadAhead.for_files_of(64 * 1024).initial == 16
+    assert FolderReadAhead.for_files_of(4 * MiB).initial == 4
+    assert FolderReadAhead.for_files_of(None).initial == 4
+    assert FolderReadAhead.for_files_of(100).initial == 32
+    pattern = FolderReadAhead.for_files_of(64 * 1024)
+    assert pattern.on_open(0, 1000) is None
+    assert pattern.on_open(1, 1000) == (2, 18)
+    ahead = []
+    for i in range(2, 600):
+        pattern.on_open(i, 1000)
+        ahead.append(pattern._ahead_to - (i + 1))  # files fetched past the open one
+    assert max(ahead) == 128 and min(ahead[100:]) >= 64  # topped up each half window
