@@ -372,6 +372,22 @@ class Catalog:
         self.devices.put(key, dev)
         return dev
 
+    async def learn_sizing(self, org: str, devices: list[Device]) -> None:
+        """Whether the server has getFileInfo, asked at mount about one file the device
+        search showed: a folder's first `ls -l` then sends its sizes all at once, rather
+        than one alone first to learn it (a round trip far away). One call a mount;
+        a failure is left to the listing that needs a size."""
+        if getattr(self.client, "file_info_supported", True) is not None:
+            return
+        for d in devices:
+            uri = next((v for v in d.attributes.values() if _is_file_uri(v)), None)
+            if uri is not None and not uri.startswith(LARK_SCHEME):
+                try:
+                    await self.client.file_meta(FileRef(org, d.asset_id, "feature", uri))
+                except EnosfsError as exc:
+                    log.debug("getFileInfo not learnt at mount: %s", exc)
+                return
+
     async def models_ahead(self, org: str, asset_ids: list[str]) -> None:
         """Fetch, all at once, the thing models of the org's listed devices that are not
         known yet: the first listing of any of its assets' feature folders then waits

@@ -50,14 +50,16 @@ from enosfs.namespace import Namespace
 from enosfs.proxies import Proxies
 from enosfs.retry import RetryPolicy, retrying
 from enosfs.stats import Parts, render_config, render_stats, render_version, snapshot
-from enosfs.transport import LeanTransport, origin_of
+from enosfs.throttle import START
+from enosfs.transport import KEPT_FOR_NOW, LeanTransport, origin_of
 
 log = logging.getLogger(__name__)
 
 FUSE_DEVICE = "/dev/fuse"
 # Idle connections opened to each API host at mount: a file's size and its first bytes,
-# or the first round of a folder's sizes, go at once and find one each.
-WARM_CONNECTIONS = 4
+# or the first round of a folder's sizes (the API bound starts at START calls) go at
+# once and find one each, beside those calls made ahead leave to awaited ones.
+WARM_CONNECTIONS = START + KEPT_FOR_NOW
 # Seconds the mount waits at start for the thing models of its devices (see _start).
 MODELS_WAIT = 2.0
 
@@ -356,8 +358,9 @@ class Mount:
         """Token, organisations, and the thing models their devices use, in series (each
         needs the one before), while idle connections open beside them: far from EnOS,
         the first file a user opens then pays for no connection, nor for a model its
-        folder's listing would wait for. The models get MODELS_WAIT at most; those not
-        back by then are left to the listings that need them."""
+        folder's listing would wait for. Whether the server has getFileInfo is learnt
+        beside the models (catalog.learn_sizing). They get MODELS_WAIT at most; what is
+        not back by then is left to the listings that need it."""
         s = self.settings
         hosts = [origin_of(httpx.URL(s.gateway)), origin_of(httpx.URL(s.integration))]
         failure: BaseException | None = None
@@ -374,6 +377,7 @@ class Mount:
                         for org_id, devices in searched.items():
                             ids = [d.asset_id for d in devices]
                             models.start_soon(ns.catalog.models_ahead, org_id, ids)
+                            models.start_soon(ns.catalog.learn_sizing, org_id, devices)
             except BaseException as exc:
                 # Said as itself, not inside an exception group; connections stop opening.
                 failure = exc

@@ -92,6 +92,27 @@ def test_the_first_file_of_a_fresh_mount_costs_no_search_and_no_new_connection(
         assert stats["connections"] == 1  # the one these stats were asked on
 
 
+def test_the_first_ls_l_of_a_mount_sends_its_sizes_at_once(emu: Emulator, work: Path) -> None:
+    """Whether the server has getFileInfo was learnt at mount, about one file the device
+    search showed: the first folder's sizes then go together, not one alone first (a
+    round trip more far away)."""
+    with mounted(work, emu) as m:
+        asked = stats_of(m.path)["requests"]
+        assert asked.get("files.getFileInfo") == 1  # the mount's own, to learn it
+        folder = m.org / "WTG-002" / "feature"
+        emu.network(network="rtt=50ms")  # so that calls sent together overlap
+        try:
+            emu.reset_stats()
+            sizes = [(folder / name).stat().st_size for name in os.listdir(folder)]
+            trace = emu.admin("GET", "trace")
+        finally:
+            emu.network(network="")
+    spans = [s for s in trace["spans"] if s["kind"] == "files.getFileInfo"]
+    assert len(sizes) >= 4 and len(spans) == len(sizes)
+    first_answer = min(s["answered_ms"] for s in spans)
+    assert all(s["arrived_ms"] < first_answer for s in spans), spans
+
+
 def settled(stats: dict[str, Any]) -> bool:
     """The connections opened at mount are open, and the thing models it fetched ahead
     are in, with no request left in flight."""
