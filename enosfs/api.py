@@ -383,6 +383,9 @@ class Body:
     _chunks: AsyncIterator[bytes] | None = None
     _leftover: bytes = b""
     _what: str = "download"
+    # Asked for at lookup and held (firstbytes.py): its head came before anyone asked
+    # for it, and it ends where its own range does, not where the caller's does.
+    held: bool = False
 
     async def readinto(self, view: memoryview) -> int:
         """Fill the start of view with the next body bytes; 0 at the end of the body.
@@ -550,7 +553,13 @@ class EnosClient:
         read, capped, before the connection goes back to the pool."""
         origin, path = self._endpoint(url)
         target = path + b"?" + urlencode(params).encode() if params else path
-        headers = [(b"user-agent", b"enosfs"), (b"apim-accesstoken", token.encode())]
+        # Compressed answers welcome (a page of 200 devices shrinks several times on a
+        # thin link); read_capped decodes them and caps what they decode to.
+        headers = [
+            (b"user-agent", b"enosfs"),
+            (b"accept-encoding", b"gzip, deflate"),
+            (b"apim-accesstoken", token.encode()),
+        ]
         content = b""
         if body is not None:
             content = json.dumps(body, separators=(",", ":")).encode()
@@ -809,6 +818,7 @@ class EnosClient:
             # Its first bytes were asked for at lookup (firstbytes.py): take that body.
             async with self.first_bytes.taking(ref) as early:
                 if early is not None:
+                    early.held = True
                     yield early
                     return
         what = f"download {uri_id(ref.uri)}"

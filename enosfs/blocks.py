@@ -1011,9 +1011,13 @@ class BlockCache:
         try:
             while pos < end:
                 asked_at = trio.current_time()
+                held_to: int | None = None  # where a body held since lookup ends by design
                 try:
                     async with self.client.open_download(f.ref, pos, end - 1) as body:
                         self._check_version(f, body)
+                        held = bool(getattr(body, "held", False))  # fakes have none
+                        if held and body.length is not None:
+                            held_to = body.start + body.length
                         if not body.ranged:
                             was = pos
                             pos, end = self._adopt_whole_body(
@@ -1056,7 +1060,8 @@ class BlockCache:
                                     self.counts["random_bytes"] += n
                                 if first_at is None:
                                     first_at = pace.now
-                                    self.link.first_byte(first_at - asked_at)
+                                    if not held:  # its head came before it was asked
+                                        self.link.first_byte(first_at - asked_at)
                                 else:
                                     timed += n
                                 if hasher is not None:
@@ -1087,6 +1092,8 @@ class BlockCache:
                         ) from None
                 if pace is not None and pace.proven and slow_bodies and not pace.dropped:
                     slow_bodies = 0  # a body that kept its speed for a window
+                if pos < end and pos == held_to:
+                    continue  # a body held since lookup (firstbytes.py) ends here: the rest
                 if pos < end:
                     # Resume as long as each body brings something; give up after
                     # MAX_RESUMES bodies in a row that brought nothing.

@@ -72,6 +72,7 @@ class FirstBytes:
         self.nursery = nursery  # None: none are sent (mount.py gives its own)
         self.size = size
         self.keep = keep
+        self.most = MOST  # held at once; mount.py lowers it for a small connection pool
         self.clock = clock
         self.early: dict[Any, _Early] = {}
         self.wasted_in_a_row = 0
@@ -84,7 +85,7 @@ class FirstBytes:
     def start(self, ref: Any) -> None:
         """Ask for ref's first bytes now, unless they are asked for already, too many
         are held, or lookups lately only wanted sizes."""
-        if self.nursery is None or ref in self.early or len(self.early) >= MOST:
+        if self.nursery is None or ref in self.early or len(self.early) >= self.most:
             return
         if self.clock() < self.paused_until:
             self.counts["paused"] += 1
@@ -113,6 +114,12 @@ class FirstBytes:
             entry.state = "failed"
             self.counts["failed"] += 1
             log.debug("first bytes of %s not fetched ahead: %s", entry.ref, exc)
+        except Exception:
+            # A bug, not a server fault: said once, and kept from the mount's nursery,
+            # which it must not take down; the reader asks for its own body.
+            entry.state = "failed"
+            self.counts["failed"] += 1
+            log.exception("first bytes of %s: unexpected error", entry.ref)
         finally:
             if entry.state not in ("taken", "abandoned", "failed"):
                 entry.state = "failed"  # cancelled (unmount) before it came

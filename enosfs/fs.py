@@ -51,6 +51,7 @@ MIN_WAIT = 0.25
 MAX_HASH_BACKLOG = 16 * 1024 * 1024
 # Seconds after a folder was listed during which a lookup in it is the listing's.
 LISTED_LATELY = 5.0
+LISTED_KEPT = 10_000  # folders whose listing time is kept (a walk's worth of seconds)
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
 
 
@@ -303,7 +304,9 @@ class EnosFS(pyfuse3.Operations):
             return False
         if trio.current_time() - self.listed_at.get(parent.inode, float("-inf")) < LISTED_LATELY:
             return False
-        return f.meta is None or not self.cache.has_start(CachedFile.of(f.ref, f.meta))
+        if f.meta is None or f.meta.size is None:
+            return True
+        return not self.cache.has_start(CachedFile.of(f.ref, f.meta))
 
     def _missing(self) -> pyfuse3.EntryAttributes:
         """ENOENT that the kernel may remember for `negative_ttl` (inode 0 is FUSE's
@@ -330,9 +333,11 @@ class EnosFS(pyfuse3.Operations):
     @guarded("opendir", bounded=False)
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         d = self._dir(inode)
-        now = self.listed_at[inode] = trio.current_time()
-        if len(self.listed_at) > 10_000:
-            self.listed_at = {i: t for i, t in self.listed_at.items() if now - t < LISTED_LATELY}
+        # Kept in the order listed, so the oldest go first once there are too many.
+        self.listed_at.pop(inode, None)
+        self.listed_at[inode] = trio.current_time()
+        if len(self.listed_at) > LISTED_KEPT:
+            del self.listed_at[next(iter(self.listed_at))]
         self.walk_ahead.visited(d)  # before waiting for this one, so they overlap
         entries = self.ns.listed(d)  # a walk finds most folders listed: no wait
         if entries is None:
@@ -491,8 +496,8 @@ class EnosFS(pyfuse3.Operations):
         (negative: the budget is spent, stop)."""
         if meta.size is None or meta.size > self.cache.whole_file_limit:
             return budget
-        if meta.size > budget:
-            return -1
+        if meta.size > budget or self.cache.inflight + meta.size > self.cache.prefetch_cap:
+            return -1  # this span's budget, or the read-ahead share of all memory, is spent
         self.cache.prefetch(CachedFile.of(f.ref, meta), 0, meta.size)
         return budget - meta.size
 

@@ -43,6 +43,7 @@ from enosfs.errors import (
     NotFound,
     TransportError,
 )
+from enosfs.firstbytes import MOST as MOST_FIRST_BYTES
 from enosfs.fs import EnosFS
 from enosfs.metastore import MetaStore
 from enosfs.metrics import serve as serve_metrics
@@ -356,34 +357,25 @@ class Mount:
         policy: RetryPolicy,
     ) -> None:
         """Token, organisations, and the thing models their devices use, in series (each
-        needs the one before), while idle connections open beside them: far from EnOS,
-        the first file a user opens then pays for no connection, nor for a model its
-        folder's listing would wait for. Whether the server has getFileInfo is learnt
-        beside the models (catalog.learn_sizing). They get MODELS_WAIT at most; what is
-        not back by then is left to the listings that need it."""
+        needs the one before), while idle connections open in the background: far from
+        EnOS, the first file a user opens then pays for no connection, nor for a model
+        its folder's listing would wait for. Whether the server has getFileInfo is
+        learnt beside the models (catalog.learn_sizing). They get MODELS_WAIT at most;
+        what is not back by then is left to the listings that need it."""
         s = self.settings
-        hosts = [origin_of(httpx.URL(s.gateway)), origin_of(httpx.URL(s.integration))]
-        failure: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lean.warm, hosts, WARM_CONNECTIONS)
-            try:
-                await tokens.start()
-                await check_integration(http, s, policy)
-                searched = await check_orgs(client, s)
+        for origin in dict.fromkeys([s.gateway, s.integration]):
+            lean.open_ahead(origin_of(httpx.URL(origin)), WARM_CONNECTIONS)
+        await tokens.start()
+        await check_integration(http, s, policy)
+        searched = await check_orgs(client, s)
+        for org_id, devices in searched.items():
+            ns.catalog.offer_devices(org_id, devices)
+        with trio.move_on_after(MODELS_WAIT):
+            async with trio.open_nursery() as models:
                 for org_id, devices in searched.items():
-                    ns.catalog.offer_devices(org_id, devices)
-                with trio.move_on_after(MODELS_WAIT):
-                    async with trio.open_nursery() as models:
-                        for org_id, devices in searched.items():
-                            ids = [d.asset_id for d in devices]
-                            models.start_soon(ns.catalog.models_ahead, org_id, ids)
-                            models.start_soon(ns.catalog.learn_sizing, org_id, devices)
-            except BaseException as exc:
-                # Said as itself, not inside an exception group; connections stop opening.
-                failure = exc
-                nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+                    ids = [d.asset_id for d in devices]
+                    models.start_soon(ns.catalog.models_ahead, org_id, ids)
+                    models.start_soon(ns.catalog.learn_sizing, org_id, devices)
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         s = self.settings
@@ -427,6 +419,8 @@ class Mount:
                 nursery.start_soon(p.tokens.run)
                 if s.first_bytes > 0:  # sent at lookup (firstbytes.py)
                     p.client.first_bytes.size = s.first_bytes
+                    # Held bodies keep a connection each: a quarter of the pool at most.
+                    p.client.first_bytes.most = min(MOST_FIRST_BYTES, s.max_connections // 4)
                     p.client.first_bytes.nursery = nursery
                 p.cache = BlockCache(
                     p.client,

@@ -301,26 +301,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
             self._opening[origin] -= 1
         self.release(conn)
 
-    async def warm(self, origins: list[Origin], count: int) -> None:
-        """Open connections to each origin until `count` wait idle, all at once: the
-        first requests that go together (a file's size and its first bytes, the first
-        round of a folder's sizes) then find one each, instead of each paying a
-        connection's round trips first. A connection that cannot be opened is left to
-        the request that needs it, which says why."""
-
-        async def one(origin: Origin) -> None:
-            try:
-                conn = await self._connect(origin, self.proxies.for_origin(*origin))
-            except httpx.HTTPError as exc:
-                log.debug("no warm connection to %s: %s", origin[1], exc)
-                return
-            self.release(conn)
-
-        async with trio.open_nursery() as nursery:
-            for origin in dict.fromkeys(origins):
-                for _ in range(count - len(self.idle[origin])):
-                    nursery.start_soon(one, origin)
-
     async def _connect(self, origin: Origin, proxy: Proxy | None) -> Connection:
         scheme, host, port = origin
         self.counts["connections_opened"] += 1

@@ -14,10 +14,14 @@ import pytest
 import trio
 import trio.testing
 
+from enosfs import fs as fs_module
+from enosfs.api import FileMeta
 from enosfs.errors import TransportError
 from enosfs.firstbytes import KEEP, MOST, PAUSE, WASTED_PAUSE, FirstBytes
+from enosfs.namespace import File
 
 from .support import Emulator, demo_files, mounted, stats_of, wait_for
+from .test_fs_ops import ops_for, walk
 
 
 class Opener:
@@ -119,6 +123,62 @@ async def test_a_failed_body_leaves_the_reader_to_ask_and_at_most_most_are_held(
         assert len(opener.opened) == 1 + MOST
         nursery.cancel_scope.cancel()
     assert fb.early == {}  # nothing left behind by a cancelled hold
+
+
+# -- the file system's side, on the emulator without a mount ----------------------------
+
+
+async def test_a_held_body_is_neither_a_round_trip_sample_nor_a_resume(emu: Emulator) -> None:
+    """Its head came before anyone asked: timing it would make the link look a round
+    trip away at no distance (and random misses one page long); ending where its own
+    range ends is no cut body."""
+    rel = "WTG-001/feature/vibration_raw.bin"
+    want = emu.blob(demo_files(emu)[rel])[: 1 << 20]
+    emu.network(network="rtt=20ms")
+    try:
+        async with ops_for(emu) as ops, trio.open_nursery() as nursery:
+            ops.first_bytes = ops.cache.client.first_bytes  # type: ignore[attr-defined]
+            ops.first_bytes.nursery = nursery
+            attrs = await walk(ops, f"{emu.org}/{rel}")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY)
+            got = bytes(await ops.read(info.fh, 0, 1 << 20))
+            await ops.release(info.fh)
+            assert got == want
+            assert ops.first_bytes.stats()["taken"] == 1
+            assert ops.cache.counts["resumes"] == 0
+            rtt = ops.cache.link.rtt  # from the bodies asked for as the reader waited
+            assert rtt is None or rtt > 0.015, rtt
+            nursery.cancel_scope.cancel()
+    finally:
+        emu.network(network="")
+
+
+async def test_a_stale_record_without_a_size_is_looked_up_without_error(emu: Emulator) -> None:
+    opener = Opener()
+    async with ops_for(emu) as ops, trio.open_nursery() as nursery:
+        ops.first_bytes = FirstBytes(opener, nursery)
+        folder = await walk(ops, f"{emu.org}/WTG-001/feature")
+        node = ops.ns.get((await ops.lookup(folder.st_ino, b"scada_export.csv")).st_ino)
+        assert isinstance(node, File)
+        # The server once would not say how large it was, and that is old now.
+        node.meta, node.meta_at = FileMeta(node.ref.uri, None), float("-inf")
+        attrs = await ops.lookup(folder.st_ino, b"scada_export.csv")
+        assert attrs.st_size == len(emu.blob(node.ref.uri))
+        assert opener.opened and opener.opened[0][0] == node.ref
+        nursery.cancel_scope.cancel()
+
+
+async def test_listing_times_are_kept_for_the_newest_folders_only(
+    emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fs_module, "LISTED_KEPT", 2)
+    async with ops_for(emu) as ops:
+        inodes = []
+        for asset in ("WTG-001", "WTG-002", "WTG-003"):
+            inode = (await walk(ops, f"{emu.org}/{asset}/feature")).st_ino
+            await ops.releasedir(await ops.opendir(inode, None))
+            inodes.append(inode)
+        assert list(ops.listed_at) == inodes[1:]
 
 
 # -- real mounts --------------------------------------------------------------------------
