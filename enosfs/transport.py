@@ -286,7 +286,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         (throttle.py): opened now, while this round's answers travel, they are ready
         when the next round goes; opened by the calls themselves, every round of the
         bound's growth would cost a connection's round trip more."""
-        have = len(self.idle[origin]) + self._opening[origin] + self._calls[origin]
+        # Not the idle ones kept for calls someone waits for: calls made ahead pass
+        # them by (_pooled), so they do not count as found.
+        idle = max(0, len(self.idle[origin]) - KEPT_FOR_NOW)
+        have = idle + self._opening[origin] + self._calls[origin]
         for _ in range(min(count, self.max_connections) - have):
             self._opening[origin] += 1
             trio.lowlevel.spawn_system_task(self._open_spare, origin)
